@@ -1,0 +1,22 @@
+"""gramflow: gradient descent on fixed-readout ReLU networks as a collective dynamics of fields."""
+
+import importlib.metadata
+
+from ._data import teacher_student as teacher_student
+from ._kernels import (
+    LayerKernels as LayerKernels,
+    collective_kernel as collective_kernel,
+    layer_kernels as layer_kernels,
+)
+from ._network import ReLUNet as ReLUNet
+from ._state import (
+    CollectiveState as CollectiveState,
+    collective_state as collective_state,
+    pullback_gradients as pullback_gradients,
+)
+from ._verify import VerificationReport as VerificationReport, verify as verify
+
+try:
+    __version__ = importlib.metadata.version("gramflow")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,100 @@
+"""Validation of user inputs, done once at each public entry point.
+
+Shapes and dtypes are static and checked at trace time (`ValueError` / `TypeError`). Finiteness
+depends on values: concrete arrays are checked eagerly (`ValueError`); traced arrays (under
+`jax.jit`, `jax.vmap`, `jax.grad`) are wrapped in `equinox.error_if`, so a NaN or inf in `X`
+or `y` raises at run time instead of flowing silently into the results.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _as_array(name: str, x) -> jax.Array:
+    if isinstance(x, jax.core.Tracer):
+        return x
+    try:
+        return jnp.asarray(x)
+    except TypeError as err:
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}.") from err
+
+
+def _check_finite(name: str, x: jax.Array) -> jax.Array:
+    if isinstance(x, jax.core.Tracer):
+        return eqx.error_if(
+            x, ~jnp.all(jnp.isfinite(x)), f"`{name}` contains NaN or inf values."
+        )
+    bad = ~np.isfinite(np.asarray(x))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"`{name}` contains {int(bad.sum())} NaN or inf value(s), the first at index "
+            f"{where}; clean or drop those samples."
+        )
+    return x
+
+
+def _check_dtype(name: str, x: jax.Array, dtype) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` has dtype {x.dtype}; gramflow needs floating-point data. "
+            f"Cast it with `{name}.astype({jnp.dtype(dtype).name})`."
+        )
+    if x.dtype != dtype:
+        raise TypeError(
+            f"mixed dtypes: `{name}` is {x.dtype} but the network is {jnp.dtype(dtype).name}; "
+            f"cast `{name}` with `.astype({jnp.dtype(dtype).name})` or build the network "
+            f"with `dtype={x.dtype.name}`."
+        )
+
+
+def check_net(net) -> None:
+    from ._network import ReLUNet
+
+    if not isinstance(net, ReLUNet):
+        raise TypeError(f"`net` must be a gramflow.ReLUNet, got {type(net).__name__}.")
+    if net.scales.ndim != 1:
+        raise ValueError(
+            f"`net` is a batch of networks (scales of shape {net.scales.shape}); map over it "
+            "with `jax.vmap(fn, in_axes=(0, None, ...))` instead of passing it directly."
+        )
+
+
+def check_inputs(net, X, y=None):
+    """Validate `X` of shape `(P, d)` (and `y`, of shape `(P,)` or `(P, k)`) against `net`.
+
+    Returns `(X, y)` as arrays, wrapped in `equinox.error_if` when traced.
+    """
+    check_net(net)
+    X = _as_array("X", X)
+    if X.ndim != 2:
+        raise ValueError(
+            f"`X` must be 2-D of shape (P, d), one row per sample, got shape {X.shape}."
+        )
+    if X.shape[1] != net.in_dim:
+        raise ValueError(
+            f"`X` has shape {X.shape}: its {X.shape[1]} columns must equal the network's "
+            f"in_dim = {net.in_dim}."
+        )
+    if X.shape[0] == 0:
+        raise ValueError("`X` has no samples (P = 0).")
+    _check_dtype("X", X, net.dtype)
+    X = _check_finite("X", X)
+    if y is None:
+        return X, None
+    y = _as_array("y", y)
+    P, k = X.shape[0], net.out_dim
+    expected = (P,) if k is None else (P, k)
+    if y.shape != expected:
+        what = "a scalar output" if k is None else f"an output of dimension k = {k}"
+        raise ValueError(
+            f"`y` has shape {y.shape}, but `X` has P = {P} samples and the network has {what}"
+            f" (readout of shape {net.readout.shape}): expected `y` of shape {expected}."
+        )
+    _check_dtype("y", y, net.dtype)
+    y = _check_finite("y", y)
+    return X, y

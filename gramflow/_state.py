@@ -1,0 +1,142 @@
+"""Forward fields, conjugate fields and the pullback recursion (I1)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._checks import check_inputs
+from ._network import ReLUNet
+
+
+class CollectiveState(eqx.Module):
+    """Fields of a network on the training set (DESIGN.md §1), layer index l = 1..L.
+
+    **Fields:**
+
+    - `H`: tuple of forward fields `H_l = s_l Z_{l-1} W_lᵀ`, shape `(P, N_l)`.
+    - `Z`: tuple `(Z_0 = X, Z_1, ..., Z_L)`, `Z_l = relu(H_l)`, shape `(P, N_l)` (L+1 entries).
+    - `D`: tuple of activation masks `D_l = step(H_l)` (relu'(0) = 0), shape `(P, N_l)`.
+    - `B`: tuple of conjugate fields `B_l = ∂f/∂Z_l`, shape `(P, N_l)` or `(P, k, N_l)`.
+    - `Delta`: tuple of masked conjugate fields `Δ_l = D_l ⊙ B_l = ∂f/∂H_l`, same shapes as `B`.
+    - `f`: network output, `(P,)` or `(P, k)`.
+    - `r`: residual `f − y`, same shape as `f`.
+    """
+
+    H: tuple[Float[Array, "P N"], ...]
+    Z: tuple[Float[Array, "P N"], ...]
+    D: tuple[Float[Array, "P N"], ...]
+    B: tuple[Float[Array, "P *k N"], ...]
+    Delta: tuple[Float[Array, "P *k N"], ...]
+    f: Float[Array, "P *k"]
+    r: Float[Array, "P *k"]
+
+    @property
+    def loss(self) -> Float[Array, ""]:
+        """Sum-reduced quadratic loss `½ Σ r²`."""
+        return 0.5 * jnp.sum(self.r**2)
+
+
+def forward(net: ReLUNet, X: Float[Array, "P d"]):
+    """Forward pass. Returns `(H, Z, f)`: tuples `H_1..H_L`, `Z_0..Z_L`, and `f = s_out Z_L a`."""
+    H, Z = [], [X]
+    for W, s in zip(net.weights, net.scales[:-1]):
+        H.append(s * (Z[-1] @ W.T))
+        Z.append(jax.nn.relu(H[-1]))
+    return tuple(H), tuple(Z), net.scales[-1] * (Z[-1] @ net.readout)
+
+
+def masks(H) -> tuple[Float[Array, "P N"], ...]:
+    """Activation masks `D_l = step(H_l)`, with step(0) = 0 as relu'(0) = 0 in JAX."""
+    return tuple((h > 0).astype(h.dtype) for h in H)
+
+
+def apply_mask(D: Float[Array, "P N"], B: Float[Array, "P *k N"]) -> Float[Array, "P *k N"]:
+    """`D ⊙ B`, broadcasting the mask over any axes between the sample and unit axes."""
+    return D.reshape(D.shape[:1] + (1,) * (B.ndim - 2) + D.shape[1:]) * B
+
+
+def output_field(net: ReLUNet, P: int) -> Float[Array, "P *k N_L"]:
+    """Top conjugate field `B_L = s_out a`, broadcast to `(P, N_L)` or `(P, k, N_L)`."""
+    a = net.scales[-1] * net.readout
+    return jnp.broadcast_to(a if a.ndim == 1 else a.T, (P,) + a.T.shape)
+
+
+def pullback(net: ReLUNet, D, top: Float[Array, "P *k N_L"]):
+    """Backward pullback recursion (I1): `Δ_l = D_l ⊙ B_l`, `B_{l-1} = s_l Δ_l W_l`.
+
+    Linear in the top field, so it serves both the conjugate fields (`top = B_L = s_out a`) and
+    the residual-weighted fields `E_l` of (I8) (`top = s_out r aᵀ`).
+
+    **Arguments:** `D`: masks `D_1..D_L`; `top`: `B_L` of shape `(P, N_L)` or `(P, k, N_L)`.
+
+    **Returns:** tuples `(B_1..B_L, Δ_1..Δ_L)`, each entry shaped like `top` with `N_l` units.
+    """
+    B, Delta = [top], []
+    for l in range(net.depth - 1, -1, -1):
+        Delta.append(apply_mask(D[l], B[-1]))
+        if l > 0:
+            B.append(net.scales[l] * (Delta[-1] @ net.weights[l]))
+    return tuple(reversed(B)), tuple(reversed(Delta))
+
+
+def fields(net: ReLUNet, X: Float[Array, "P d"]):
+    """One forward and one backward pass, no validation. Returns `(H, Z, D, B, Delta, f)`."""
+    H, Z, f = forward(net, X)
+    D = masks(H)
+    B, Delta = pullback(net, D, output_field(net, X.shape[0]))
+    return H, Z, D, B, Delta, f
+
+
+def collective_state(
+    net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"]
+) -> CollectiveState:
+    """All fields of `net` on the training set: one forward pass and one pullback pass (I1).
+
+    **Arguments:**
+
+    - `net`: a `ReLUNet` with L hidden layers.
+    - `X`: inputs, shape `(P, d)`.
+    - `y`: targets, shape `(P,)` for a scalar-output network or `(P, k)` for `out_dim = k`.
+
+    **Returns:** a `CollectiveState` with `H`, `Z` (`Z_0 = X` first), `D`, `B`, `Delta`, `f`,
+    `r = f − y`. For vector outputs `B_l` and `Δ_l` carry the output axis: `(P, k, N_l)`,
+    `Δ_l[μ, i] = ∂f_{μ,i}/∂h_{l,μ}`.
+    """
+    X, y = check_inputs(net, X, y)
+    H, Z, D, B, Delta, f = fields(net, X)
+    return CollectiveState(H=H, Z=Z, D=D, B=B, Delta=Delta, f=f, r=f - y)
+
+
+def residual_top(net: ReLUNet, r: Float[Array, "P *k"]) -> Float[Array, "P N_L"]:
+    """Residual-weighted top field `E_L`-before-masking: `s_out r aᵀ`, shape `(P, N_L)`."""
+    a = net.scales[-1] * net.readout
+    return r[:, None] * a[None, :] if a.ndim == 1 else r @ a.T
+
+
+def gradients_from_fields(net: ReLUNet, Z, E) -> tuple[Float[Array, "N_l N_lm1"], ...]:
+    """`∂L/∂W_l = s_l E_lᵀ Z_{l-1}` (I1, I8) from residual-weighted fields `E_l`, `(P, N_l)`."""
+    return tuple(s * (e.T @ z) for s, e, z in zip(net.scales[:-1], E, Z[:-1]))
+
+
+def pullback_gradients(
+    net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"]
+) -> tuple[Float[Array, "N_l N_lm1"], ...]:
+    """Gradients of the sum-reduced loss `L = ½ Σ_μ r_μ²` by the pullback recursion (I1).
+
+    `∂L/∂W_l = s_l E_lᵀ Z_{l-1}` with the residual-weighted conjugate field
+    `E_l = Σ_i r_{·,i} Δ_l[·, i]` (`diag(r) Δ_l` for scalar output), obtained by running the
+    pullback recursion once from the top field `s_out r aᵀ` (it is linear in that field).
+    With this loss a learning rate η means `W ← W − η ∂L/∂W`; a mean-reduced loss would
+    divide η by P.
+
+    **Arguments:** `net`; `X` of shape `(P, d)`; `y` of shape `(P,)` or `(P, k)`.
+
+    **Returns:** tuple of `∂L/∂W_l`, shaped like `net.weights`.
+    """
+    X, y = check_inputs(net, X, y)
+    H, Z, f = forward(net, X)
+    _, E = pullback(net, masks(H), residual_top(net, f - y))
+    return gradients_from_fields(net, Z, E)

@@ -1,0 +1,188 @@
+"""Verification layer: every collective quantity against autodiff of a plain weight-space function."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from ._checks import check_inputs
+from ._kernels import apply_kernel, collective_kernel, layer_kernels
+from ._network import ReLUNet
+from ._state import collective_state, pullback_gradients
+
+DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-1, "float16": 1e-2}
+_JACOBIAN_BYTES_LIMIT = 2**31
+
+
+def _plain_f(weights, readout, scales, X, eps_h=None, eps_z=None):
+    """The network as a plain function of its weights, written independently of `_state.py`.
+
+    `eps_h[l]` / `eps_z[l]` are additive probes on the pre-/post-activations of layer l + 1:
+    since `f_μ` depends only on row μ of each probe, `∂(Σ_μ f_μ)/∂eps_h[l] = Δ_{l+1}` and
+    `∂(Σ_μ f_μ)/∂eps_z[l] = B_{l+1}`.
+    """
+    z, hs = X, []
+    for l, (W, s) in enumerate(zip(weights, scales[:-1])):
+        h = s * jnp.dot(z, W.T)
+        if eps_h is not None:
+            h = h + eps_h[l]
+        hs.append(h)
+        z = jax.nn.relu(h)
+        if eps_z is not None:
+            z = z + eps_z[l]
+    return scales[-1] * jnp.dot(z, readout), hs
+
+
+def _rel(a, b):
+    """Relative Frobenius error `‖a − b‖ / ‖b‖` (0 when both vanish)."""
+    num = jnp.linalg.norm((a - b).ravel())
+    den = jnp.linalg.norm(b.ravel())
+    return num / jnp.maximum(den, jnp.finfo(b.dtype).tiny)
+
+
+def _sample_jacobian(fn, probes):
+    """`∂f_μ/∂probe[μ]` for per-sample probes: `(P, N)` or, for vector f, `(P, k, N)`."""
+    jac = jax.jacrev(lambda p: jnp.sum(fn(p), axis=0))(probes)
+    return tuple(j if j.ndim == 2 else jnp.moveaxis(j, 0, 1) for j in jac)
+
+
+def _weight_jacobian(fn, weights):
+    """Per-layer Jacobians `∂f/∂W_l` flattened to `(P·k, N_l N_{l-1})`."""
+    jacs = jax.jacrev(fn)(weights)
+    return [j.reshape(int(np.prod(j.shape[: j.ndim - 2])), -1) for j in jacs]
+
+
+def _jjt(J, P):
+    """`J Jᵀ` reshaped to the kernel layout: `(P, P)` or `(P, P, k, k)`."""
+    K = J @ J.T
+    k = J.shape[0] // P
+    if J.shape[0] == P:
+        return K
+    return K.reshape(P, k, P, k).transpose(0, 2, 1, 3)
+
+
+class VerificationReport(eqx.Module):
+    """Relative errors `‖ours − autodiff‖_F / ‖autodiff‖_F` of every collective quantity.
+
+    **Fields** (tuples are per layer, l = 1..L):
+
+    - `H`: forward fields vs the plain forward pass.
+    - `B`, `Delta`: conjugate fields vs `jax.jacrev` of `Σ_μ f_μ` w.r.t. probes added to `Z_l`
+      and `H_l`.
+    - `gradients`: pullback gradients (I1) vs `jax.grad` of `½ Σ r²`.
+    - `K`: per-layer kernels `K_l` vs `J_l J_lᵀ` with `J_l = ∂f/∂W_l` from `jax.jacrev` (I2).
+    - `kernel`: `collective_kernel` vs `J Jᵀ`.
+    - `residual_velocity`: `−K r` vs `jax.jvp` of `f` along `−∇L` (I2 with η = 1).
+    - `dtype`: the network's dtype, which sets the default tolerance of `ok`.
+    """
+
+    H: tuple[Float[Array, ""], ...]
+    B: tuple[Float[Array, ""], ...]
+    Delta: tuple[Float[Array, ""], ...]
+    gradients: tuple[Float[Array, ""], ...]
+    K: tuple[Float[Array, ""], ...]
+    kernel: Float[Array, ""]
+    residual_velocity: Float[Array, ""]
+    dtype: str = eqx.field(static=True)
+
+    def rows(self) -> dict[str, list[float]]:
+        """Each quantity's errors as Python floats (the maximum over any batch axis)."""
+        names = ["H", "B", "Delta", "gradients", "K", "kernel", "residual_velocity"]
+        out = {}
+        for name in names:
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            out[name] = [float(np.max(np.asarray(v))) for v in values]
+        return out
+
+    @property
+    def max_error(self) -> float:
+        """Largest relative error in the report."""
+        return max(max(v) for v in self.rows().values())
+
+    def ok(self, rtol: float | None = None) -> bool:
+        """Whether every error is at most `rtol` (default: 1e-10 for float64, 1e-4 for
+        float32). NaN errors fail."""
+        rtol = DEFAULT_RTOL.get(self.dtype, 1e-4) if rtol is None else rtol
+        return bool(self.max_error <= rtol)
+
+    def __str__(self) -> str:
+        L = len(self.H)
+        head = ["quantity"] + [f"layer {l}" for l in range(1, L + 1)] + ["max"]
+        lines = []
+        for name, values in self.rows().items():
+            per_layer = [f"{v:.2e}" for v in values] if len(values) == L else [""] * L
+            lines.append([name, *per_layer, f"{max(values):.2e}"])
+        widths = [max(len(r[i]) for r in [head, *lines]) for i in range(L + 2)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        rule = "-" * (sum(widths) + 2 * (L + 1))
+        rtol = DEFAULT_RTOL.get(self.dtype, 1e-4)
+        verdict = "ok" if self.ok() else "FAILED"
+        return "\n".join(
+            [
+                f"gramflow verification ({self.dtype}; relative errors vs autodiff)",
+                fmt.format(*head),
+                rule,
+                *(fmt.format(*r) for r in lines),
+                rule,
+                f"max error {self.max_error:.2e}: {verdict} at rtol {rtol:g}",
+            ]
+        )
+
+
+def verify(
+    net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"]
+) -> VerificationReport:
+    """Check fields (I1), pullback gradients (I1), kernels and the residual flow (I2) against
+    autodiff of an independent plain function of the weights.
+
+    Builds full Jacobians `∂f/∂W_l`, O(P·k·Σ N_l N_{l-1}) memory: meant for small problems
+    (refuses above 2 GiB; subsample `X`). Works under `jax.jit` and `jax.vmap`.
+
+    **Arguments:** `net`; `X` of shape `(P, d)`; `y` of shape `(P,)` or `(P, k)`.
+
+    **Returns:** a `VerificationReport`; `report.ok()` tells whether all errors are within the
+    dtype's tolerance and `print(report)` shows the table.
+    """
+    X, y = check_inputs(net, X, y)
+    P, k = X.shape[0], net.out_dim or 1
+    n_params = sum(w.size for w in net.weights)
+    need = P * k * n_params * net.dtype.itemsize
+    if need > _JACOBIAN_BYTES_LIMIT:
+        raise ValueError(
+            f"verify would build Jacobians of {need / 2**30:.1f} GiB (P·k·#weights = "
+            f"{P}·{k}·{n_params}), above the {_JACOBIAN_BYTES_LIMIT / 2**30:.0f} GiB limit; "
+            "pass a subset of the samples, e.g. `verify(net, X[:64], y[:64])`."
+        )
+    state = collective_state(net, X, y)
+    grads = pullback_gradients(net, X, y)
+    kernels = layer_kernels(net, X)
+    K = collective_kernel(net, X)
+
+    weights, readout, scales = net.weights, net.readout, net.scales
+
+    def f_of(ws):
+        return _plain_f(ws, readout, scales, X)[0]
+
+    _, H_ref = _plain_f(weights, readout, scales, X)
+    zeros = tuple(jnp.zeros_like(h) for h in H_ref)
+    Delta_ref = _sample_jacobian(lambda e: _plain_f(weights, readout, scales, X, eps_h=e)[0], zeros)
+    B_ref = _sample_jacobian(lambda e: _plain_f(weights, readout, scales, X, eps_z=e)[0], zeros)
+    grads_ref = jax.grad(lambda ws: 0.5 * jnp.sum((f_of(ws) - y) ** 2))(weights)
+    J = _weight_jacobian(f_of, weights)
+    K_ref = [_jjt(j, P) for j in J]
+    _, df = jax.jvp(f_of, (weights,), (jax.tree.map(jnp.negative, grads_ref),))
+
+    return VerificationReport(
+        H=tuple(_rel(a, b) for a, b in zip(state.H, H_ref)),
+        B=tuple(_rel(a, b) for a, b in zip(state.B, B_ref)),
+        Delta=tuple(_rel(a, b) for a, b in zip(state.Delta, Delta_ref)),
+        gradients=tuple(_rel(a, b) for a, b in zip(grads, grads_ref)),
+        K=tuple(_rel(a, b) for a, b in zip(kernels.K, K_ref)),
+        kernel=jnp.maximum(_rel(K, sum(K_ref)), _rel(kernels.total, sum(K_ref))),
+        residual_velocity=_rel(-apply_kernel(K, state.r), df),
+        dtype=jnp.dtype(net.dtype).name,
+    )
