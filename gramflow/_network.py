@@ -81,9 +81,8 @@ class ReLUNet(eqx.Module):
         if L == 0:
             raise ValueError("`weights` is empty: a ReLUNet needs at least one hidden layer.")
         dtype = self.readout.dtype
-        for name, leaf in [("readout", self.readout), ("scales", self.scales)] + [
-            (f"weights[{i}]", w) for i, w in enumerate(self.weights)
-        ]:
+        named = [(f"weights[{i}]", w) for i, w in enumerate(self.weights)]
+        for name, leaf in [*named, ("readout", self.readout), ("scales", self.scales)]:
             if not _is_floating(leaf):
                 raise TypeError(
                     f"`{name}` has dtype {leaf.dtype}; gramflow needs floating-point "

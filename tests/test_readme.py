@@ -1,0 +1,34 @@
+"""The README's example runs as written, and CI runs exactly the README's test command."""
+
+import pathlib
+import re
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _block_after(marker, lang):
+    match = re.search(re.escape(marker) + r"\s*```" + lang + r"\n(.*?)```", README, re.S)
+    assert match, f"no ```{lang} block after {marker} in README.md"
+    return match.group(1)
+
+
+def test_usage_example_runs():
+    code = _block_after("<!-- example: usage -->", "python")
+    namespace = {}
+    exec(compile(code, "README.md:usage", "exec"), namespace)
+    assert namespace["report"].ok()
+    assert namespace["K"].shape == (8, 32, 32)
+
+
+def test_ci_runs_the_readme_test_command():
+    command = _block_after("<!-- test-command -->", "bash").strip()
+    ci = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run"), "--print-command"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert ci.stdout.strip() == command
+    assert "pytest" in command and ".venv" in command

@@ -1,0 +1,97 @@
+"""The verification layer passes on correct code and catches wrong code."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import problem
+
+import gramflow as gf
+import gramflow._verify as verify_module
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+@pytest.mark.parametrize("out_dim", [None, 2])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_verify_ok(getkey, depth, out_dim, dtype):
+    net, X, y = problem(getkey(), depth, out_dim=out_dim, dtype=dtype)
+    report = gf.verify(net, X, y)
+    assert isinstance(report, gf.VerificationReport)
+    assert len(report.gradients) == len(report.K) == len(report.B) == depth
+    assert report.ok(), str(report)
+    assert report.max_error < (1e-13 if dtype == jnp.float64 else 1e-5)
+
+
+def _scaled(fn, factor):
+    def wrong(*args):
+        out = fn(*args)
+        return jax.tree.map(lambda x: x * factor, out)
+
+    return wrong
+
+
+@pytest.mark.parametrize(
+    "target,field",
+    [
+        ("pullback_gradients", "gradients"),
+        ("collective_kernel", "kernel"),
+        ("collective_state", "Delta"),
+    ],
+)
+def test_verify_catches_wrong_implementation(getkey, monkeypatch, target, field):
+    net, X, y = problem(getkey(), 2)
+    factor = 1 + 1e-8  # a tiny error is still far above the float64 tolerance
+    monkeypatch.setattr(verify_module, target, _scaled(getattr(verify_module, target), factor))
+    report = gf.verify(net, X, y)
+    assert not report.ok()
+    errors = getattr(report, field)
+    assert max(float(e) for e in (errors if isinstance(errors, tuple) else (errors,))) > 1e-9
+    assert "FAILED" in str(report)
+
+
+def test_verify_catches_wrong_layer_kernel(getkey, monkeypatch):
+    net, X, y = problem(getkey(), 3)
+    real = verify_module.layer_kernels
+
+    def wrong(net, X):
+        lk = real(net, X)
+        return gf.LayerKernels(G=lk.G, Q=lk.Q, K=(lk.K[0], lk.K[1] * 1.001, lk.K[2]), total=lk.total)
+
+    monkeypatch.setattr(verify_module, "layer_kernels", wrong)
+    report = gf.verify(net, X, y)
+    assert float(report.K[1]) > 1e-4 and float(report.K[0]) < 1e-13 and not report.ok()
+
+
+def test_report_ok_rtol_and_table(getkey):
+    net, X, y = problem(getkey(), 2, out_dim=2)
+    report = gf.verify(net, X, y)
+    assert report.ok(rtol=1e-10)
+    assert not report.ok(rtol=0.0) or report.max_error == 0.0
+    text = str(report)
+    for name in ["gradients", "kernel", "residual_velocity", "Delta", "layer 1", "layer 2", "ok at rtol 1e-10"]:
+        assert name in text
+
+
+def test_cli_verify_prints_table_and_exits_zero():
+    for extra in ([], ["--dtype", "float32", "--out-dim", "2", "--widths", "5", "3"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "gramflow", "verify", "--samples", "12", *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "gramflow verification" in proc.stdout and ": ok at rtol" in proc.stdout
+
+
+def test_cli_bad_configuration_exits_two():
+    proc = subprocess.run(
+        [sys.executable, "-m", "gramflow", "verify", "--widths", "4", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "`widths[1]` must be a positive int" in proc.stderr
