@@ -16,6 +16,18 @@ def gram(Z: Float[Array, "P N"]) -> Float[Array, "P P"]:
     return Z @ Z.T
 
 
+def gram_apply(A: Float[Array, "P *k n"], B: Float[Array, "P n"], C: Float[Array, "P m"]):
+    """`Σ_ν (A_μ · B_ν) C_ν`, shape `(P, *k, m)`: a Gram matrix applied to a field (I6).
+
+    Contracted either as `(A Bᵀ) C` (cost ∝ P² (n + m)) or as `A (Bᵀ C)` (cost ∝ P n m),
+    whichever is cheaper for the (static) shapes.
+    """
+    P, n, m = B.shape[0], B.shape[-1], C.shape[-1]
+    if P * (n + m) < 2 * n * m:
+        return (A @ B.T) @ C
+    return A @ (B.T @ C)
+
+
 def coactivation(Delta: Float[Array, "P *k N"]) -> Float[Array, "P P *kk"]:
     """Co-activation matrix `Q[μ,ν] = Δ_μ · Δ_ν`: `(P, P)`, or `(P, P, k, k)` with
     `Q[μ,ν,i,j] = Δ[μ,i] · Δ[ν,j]` for vector outputs."""

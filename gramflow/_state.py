@@ -64,21 +64,26 @@ def output_field(net: ReLUNet, P: int) -> Float[Array, "P *k N_L"]:
     return jnp.broadcast_to(a if a.ndim == 1 else a.T, (P,) + a.T.shape)
 
 
-def pullback(net: ReLUNet, D, top: Float[Array, "P *k N_L"]):
+def pullback(scales, weights, D, top: Float[Array, "P *k N_L"], sources=None):
     """Backward pullback recursion (I1): `Δ_l = D_l ⊙ B_l`, `B_{l-1} = s_l Δ_l W_l`.
 
-    Linear in the top field, so it serves both the conjugate fields (`top = B_L = s_out a`) and
-    the residual-weighted fields `E_l` of (I8) (`top = s_out r aᵀ`).
+    Linear in the top field, so it serves the conjugate fields (`top = B_L = s_out a`), the
+    residual-weighted fields `E_l` of (I8) (`top = s_out r aᵀ`) and, with `sources`, the
+    conjugate-field velocities of (I5) (`top = 0`, `sources[l-1]` added to `B_{l-1}`).
 
-    **Arguments:** `D`: masks `D_1..D_L`; `top`: `B_L` of shape `(P, N_L)` or `(P, k, N_L)`.
+    **Arguments:** `scales`: `(s_1..s_L, s_out)`; `weights`: `W_1..W_L` (only `W_2..W_L` are
+    used, so the first entry may be `None`); `D`: masks `D_1..D_L`; `top`: `B_L` of shape
+    `(P, N_L)` or `(P, k, N_L)`; `sources`: optional tuple of fields added at layers 1..L−1.
 
     **Returns:** tuples `(B_1..B_L, Δ_1..Δ_L)`, each entry shaped like `top` with `N_l` units.
     """
     B, Delta = [top], []
-    for l in range(net.depth - 1, -1, -1):
+    for l in range(len(D) - 1, -1, -1):
         Delta.append(apply_mask(D[l], B[-1]))
         if l > 0:
-            B.append(net.scales[l] * (Delta[-1] @ net.weights[l]))
+            B.append(scales[l] * (Delta[-1] @ weights[l]))
+            if sources is not None:
+                B[-1] = B[-1] + sources[l - 1]
     return tuple(reversed(B)), tuple(reversed(Delta))
 
 
@@ -86,7 +91,7 @@ def fields(net: ReLUNet, X: Float[Array, "P d"]):
     """One forward and one backward pass, no validation. Returns `(H, Z, D, B, Delta, f)`."""
     H, Z, f = forward(net, X)
     D = masks(H)
-    B, Delta = pullback(net, D, output_field(net, X.shape[0]))
+    B, Delta = pullback(net.scales, net.weights, D, output_field(net, X.shape[0]))
     return H, Z, D, B, Delta, f
 
 
@@ -116,6 +121,13 @@ def residual_top(net: ReLUNet, r: Float[Array, "P *k"]) -> Float[Array, "P N_L"]
     return r[:, None] * a[None, :] if a.ndim == 1 else r @ a.T
 
 
+def residual_weighted(r: Float[Array, "P *k"], Delta_l: Float[Array, "P *k N"]) -> Float[Array, "P N"]:
+    """`E_l = Σ_i r_{·,i} Δ_l[·, i]` (I8): `diag(r) Δ_l` for scalar output, `(P, N_l)`."""
+    if Delta_l.ndim == 2:
+        return r[:, None] * Delta_l
+    return jnp.einsum("pk,pkn->pn", r, Delta_l)
+
+
 def gradients_from_fields(net: ReLUNet, Z, E) -> tuple[Float[Array, "N_l N_lm1"], ...]:
     """`∂L/∂W_l = s_l E_lᵀ Z_{l-1}` (I1, I8) from residual-weighted fields `E_l`, `(P, N_l)`."""
     return tuple(s * (e.T @ z) for s, e, z in zip(net.scales[:-1], E, Z[:-1]))
@@ -138,5 +150,5 @@ def pullback_gradients(
     """
     X, y = check_inputs(net, X, y)
     H, Z, f = forward(net, X)
-    _, E = pullback(net, masks(H), residual_top(net, f - y))
+    _, E = pullback(net.scales, net.weights, masks(H), residual_top(net, f - y))
     return gradients_from_fields(net, Z, E)
