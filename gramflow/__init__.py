@@ -3,6 +3,8 @@
 import importlib.metadata
 
 from ._data import teacher_student as teacher_student
+from ._discrete import StepRemainder as StepRemainder, step_remainder as step_remainder
+from ._engines import FieldState as FieldState
 from ._kernels import (
     LayerKernels as LayerKernels,
     collective_kernel as collective_kernel,
@@ -14,6 +16,9 @@ from ._state import (
     collective_state as collective_state,
     pullback_gradients as pullback_gradients,
 )
+from ._observables import OBSERVABLES as OBSERVABLES
+from ._simulate import Trajectory as Trajectory, flow as flow, simulate as simulate
+from ._velocities import Velocities as Velocities, velocities as velocities
 from ._verify import VerificationReport as VerificationReport, verify as verify
 
 try:

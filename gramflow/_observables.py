@@ -1,0 +1,159 @@
+"""What a trajectory records: functions of the fields at one time."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._kernels import coactivation, gram, hadamard
+
+#: name -> (shape per record, description); `L` hidden layers, `m` = `top_m`.
+OBSERVABLES = {
+    "loss": ("()", "½ Σ r² (always recorded)"),
+    "r": ("(P,) or (P, k)", "residual"),
+    "kernel_trace": ("(L,)", "tr K_l per layer"),
+    "kernel_share": ("(L,)", "tr K_l / tr K"),
+    "active_fraction": ("(L,)", "fraction of active units, mean of D_l"),
+    "kernel_eigs": ("(m,)", "top-m eigenvalues of K, descending"),
+    "layer_kernel_eigs": ("(L, m)", "top-m eigenvalues of each K_l"),
+    "kernel_drift": ("()", "‖K(t) − K(0)‖_F / ‖K(0)‖_F"),
+    "alignment": ("()", "kernel–target alignment ⟨y, K y⟩ / (‖K‖_F ‖y‖²)"),
+    "coactivation_drift": ("(L,)", "‖Q_l(t) − Q_l(0)‖_F / ‖Q_l(0)‖_F"),
+    "kernel": ("(P, P) or (P, P, k, k)", "the full kernel K (per-record matrices: memory!)"),
+}
+DEFAULT_OBSERVABLES = ("loss", "r", "kernel_trace", "kernel_share", "active_fraction")
+# Observables that need the (P, P) kernels rather than O(P N) field reductions.
+_NEEDS_LAYER_KERNELS = {"layer_kernel_eigs", "coactivation_drift"}
+_NEEDS_KERNEL = {"kernel_eigs", "kernel_drift", "alignment", "kernel"} | _NEEDS_LAYER_KERNELS
+FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
+
+
+class View(eqx.Module):
+    """The fields an observable may read; `H`, `Z`, `D`, `Delta` are `None` for engines that
+    carry only the residual."""
+
+    r: Float[Array, "P *k"]
+    H: tuple | None = None
+    Z: tuple | None = None
+    D: tuple | None = None
+    Delta: tuple | None = None
+
+
+def flat_kernel(K: Float[Array, "P P *kk"]) -> Float[Array, "Pk Pk"]:
+    """`(P, P, k, k)` → `(P·k, P·k)` with row index `μ·k + i`, matching `r.reshape(-1)`."""
+    if K.ndim == 2:
+        return K
+    P, k = K.shape[0], K.shape[2]
+    return K.transpose(0, 2, 1, 3).reshape(P * k, P * k)
+
+
+def kernel_traces(scales, Z, Delta) -> Float[Array, " L"]:
+    """`tr K_l = s_l² Σ_μ ‖Z_{l-1,μ}‖² ‖Δ_{l,μ}‖²` (summed over outputs), O(P N) per layer."""
+    return jnp.stack(
+        [
+            s**2 * jnp.sum(jnp.sum(z**2, -1) * jnp.sum((d**2).reshape(d.shape[0], -1), -1))
+            for s, z, d in zip(scales[:-1], Z, Delta)
+        ]
+    )
+
+
+def _rel_drift(A, A0):
+    return jnp.linalg.norm((A - A0).ravel()) / jnp.linalg.norm(A0.ravel())
+
+
+def _top(K, m):
+    ev = jnp.linalg.eigvalsh(flat_kernel(K))
+    return ev[::-1][:m]
+
+
+class Reference(eqx.Module):
+    """Quantities at t = 0 that drift observables compare against."""
+
+    K: Array | None
+    Q: tuple | None
+    y: Array
+
+
+def reference(view: View, scales, y, names) -> Reference:
+    K, Q = None, None
+    if {"kernel_drift"} & set(names):
+        K = _kernels_of(view, scales)[1]
+    if "coactivation_drift" in names:
+        Q = tuple(coactivation(d) for d in view.Delta)
+    return Reference(K=K, Q=Q, y=y)
+
+
+def _kernels_of(view: View, scales):
+    Ks = tuple(
+        hadamard(s, gram(z), coactivation(d)) for s, z, d in zip(scales[:-1], view.Z, view.Delta)
+    )
+    return Ks, sum(Ks[1:], Ks[0])
+
+
+def observe(view: View, scales, ref: Reference, names, top_m: int) -> dict[str, Array]:
+    """Evaluate the observables `names` (keys of `OBSERVABLES`) on one view."""
+    out = {"loss": 0.5 * jnp.sum(view.r**2)}
+    if "r" in names:
+        out["r"] = view.r
+    if {"kernel_trace", "kernel_share"} & set(names):
+        tr = kernel_traces(scales, view.Z, view.Delta)
+        if "kernel_trace" in names:
+            out["kernel_trace"] = tr
+        if "kernel_share" in names:
+            out["kernel_share"] = tr / jnp.sum(tr)
+    if "active_fraction" in names:
+        out["active_fraction"] = jnp.stack([jnp.mean(d) for d in view.D])
+    if _NEEDS_KERNEL & set(names):
+        Ks, K = _kernels_of(view, scales)
+        if "kernel" in names:
+            out["kernel"] = K
+        if "kernel_eigs" in names:
+            out["kernel_eigs"] = _top(K, top_m)
+        if "layer_kernel_eigs" in names:
+            out["layer_kernel_eigs"] = jnp.stack([_top(k, top_m) for k in Ks])
+        if "kernel_drift" in names:
+            out["kernel_drift"] = _rel_drift(K, ref.K)
+        if "alignment" in names:
+            y = ref.y.reshape(-1)
+            Kf = flat_kernel(K)
+            out["alignment"] = y @ Kf @ y / (jnp.linalg.norm(Kf) * (y @ y))
+        if "coactivation_drift" in names:
+            out["coactivation_drift"] = jnp.stack(
+                [_rel_drift(coactivation(d), q0) for d, q0 in zip(view.Delta, ref.Q)]
+            )
+    return out
+
+
+def closure_errors(view: View, ref_view: View) -> dict[str, Array]:
+    """Error of one engine's fields against a reference engine's at the same time:
+    `closure_error = ‖r − r_ref‖ / ‖r_ref‖` and, when both carry fields, per-layer
+    `field_error = ‖H_l − H_l^ref‖_F / ‖H_l^ref‖_F`."""
+    out = {"closure_error": _rel_drift(view.r, ref_view.r)}
+    if view.H is not None and ref_view.H is not None:
+        out["field_error"] = jnp.stack([_rel_drift(h, h0) for h, h0 in zip(view.H, ref_view.H)])
+    return out
+
+
+def validate(names, *, engine: str, top_m: int) -> tuple[str, ...]:
+    """Normalize `observables` (`None`: the engine's cheap defaults) and check it."""
+    if names is None:
+        names = FIELD_FREE if engine == "frozen_kernel" else DEFAULT_OBSERVABLES
+    if isinstance(names, str):
+        names = (names,)
+    names = tuple(dict.fromkeys(("loss", *names)))
+    unknown = [n for n in names if n not in OBSERVABLES]
+    if unknown:
+        raise ValueError(
+            f"unknown observable(s) {unknown} in `observables`; choose from {sorted(OBSERVABLES)}."
+        )
+    if engine == "frozen_kernel":
+        extra = [n for n in names if n not in FIELD_FREE]
+        if extra:
+            raise ValueError(
+                f"engine 'frozen_kernel' carries only the residual r, so it cannot record "
+                f"{extra}; record {FIELD_FREE}, or use engine='collective' or 'weights'."
+            )
+    if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m <= 0:
+        raise ValueError(f"`top_m` must be a positive int, got {top_m!r}.")
+    return names

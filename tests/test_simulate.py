@@ -1,0 +1,313 @@
+"""simulate and flow: engines against an independent gradient-descent loop, closed forms,
+finite differences; observables; divergence; bad configurations."""
+
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_rel_close, plain_f, problem, rel_err
+
+import gramflow as gf
+
+
+def _lam_max(net, X):
+    K = gf.collective_kernel(net, X)
+    if K.ndim == 4:
+        P, k = K.shape[0], K.shape[2]
+        K = K.transpose(0, 2, 1, 3).reshape(P * k, P * k)
+    return float(jnp.linalg.eigvalsh(K)[-1])
+
+
+def _gd_loop(net, X, y, lr, steps):
+    """Plain gradient descent on the weights with jax.grad, independent of gramflow."""
+
+    @jax.jit
+    def step(ws):
+        loss = lambda ws: 0.5 * jnp.sum((plain_f(ws, net.readout, net.scales, X)[0] - y) ** 2)  # noqa: E731
+        return jax.tree.map(lambda w, g: w - lr * g, ws, jax.grad(loss)(ws))
+
+    ws, rs = net.weights, []
+    for _ in range(steps):
+        rs.append(plain_f(ws, net.readout, net.scales, X)[0] - y)
+        ws = step(ws)
+    rs.append(plain_f(ws, net.readout, net.scales, X)[0] - y)
+    return ws, jnp.stack(rs)
+
+
+def _task(key, depth, widths, *, out_dim=None, P=12, d=5):
+    kd, kn = jax.random.split(key)
+    X, y = gf.teacher_student(kd, samples=P, in_dim=d, out_dim=out_dim)
+    return gf.ReLUNet.init(kn, d, widths, out_dim=out_dim), X, y
+
+
+@pytest.mark.parametrize("out_dim", [None, 2])
+def test_weights_engine_matches_plain_gd(getkey, out_dim):
+    net, X, y = problem(getkey(), 2, out_dim=out_dim, P=8)
+    lr = 0.5 / _lam_max(net, X)
+    traj = gf.simulate(net, X, y, steps=40, lr=lr)
+    ws, rs = _gd_loop(net, X, y, lr, 40)
+    assert_rel_close(traj.r, rs, jnp.float64, what="r")
+    assert_rel_close(traj.final.weights, ws, jnp.float64, what="W")
+    assert traj.step.tolist() == list(range(41)) and traj.t is None
+    assert_rel_close(traj.loss, 0.5 * jnp.sum(rs.reshape(41, -1) ** 2, 1), jnp.float64)
+
+
+@pytest.mark.parametrize("factor", [0.3, 1.0, 1.9])
+@pytest.mark.parametrize("out_dim", [None, 3])
+def test_one_layer_collective_equals_weights_any_lr(getkey, factor, out_dim):
+    """(I3): the weight-free map reproduces gradient descent exactly, for any η."""
+    net, X, y = _task(getkey(), 1, (24,), out_dim=out_dim)
+    lr = factor / _lam_max(net, X)
+    traj = gf.simulate(net, X, y, steps=500, lr=lr, engine="collective", record_every=100,
+                       reference="weights")
+    _, rs = _gd_loop(net, X, y, lr, 500)
+    assert rel_err(traj.r, rs[::100]) <= 1e-10
+    assert float(traj.observables["closure_error"].max()) <= 1e-10
+    assert float(traj.observables["field_error"].max()) <= 1e-10
+
+
+@pytest.mark.parametrize("P,d", [(12, 5), (6, 9)])  # C applied as X(Xᵀ·), and as a formed C
+def test_one_layer_collective_carries_no_weights(getkey, P, d):
+    net, X, y = _task(getkey(), 1, (7,), P=P, d=d)
+    traj = gf.simulate(net, X, y, steps=5, lr=0.1, engine="collective")
+    state = traj.final
+    assert isinstance(state, gf.FieldState)
+    assert state.weights == () and state.B == ()
+    shapes = [leaf.shape for leaf in jax.tree.leaves(state)]
+    assert shapes == [(P, 7), (P,)]  # H_1 and r: no (7, d) weight matrix anywhere
+    _, rs = _gd_loop(net, X, y, 0.1, 5)
+    assert rel_err(traj.r, rs) <= 1e-12
+
+
+@pytest.mark.parametrize("out_dim", [None, 2])
+def test_three_layer_collective_equals_weights(getkey, out_dim):
+    """(I8): the exact discrete maps in field form reproduce gradient descent."""
+    net, X, y = _task(getkey(), 3, (16, 12, 10), out_dim=out_dim)
+    lr = 0.9 / _lam_max(net, X)
+    traj = gf.simulate(net, X, y, steps=500, lr=lr, engine="collective", record_every=50,
+                       reference="weights")
+    ws, rs = _gd_loop(net, X, y, lr, 500)
+    assert rel_err(traj.r, rs[::50]) <= 1e-8
+    assert float(traj.observables["field_error"].max()) <= 1e-8
+    assert_rel_close(traj.final.weights, ws[1:], jnp.float64, what="W_2..W_L")
+    assert float(traj.loss[-1]) < 0.5 * float(traj.loss[0])  # it trained
+
+
+def test_frozen_kernel_closed_forms(getkey):
+    net, X, y = problem(getkey(), 2, out_dim=2, P=7)
+    K = gf.collective_kernel(net, X)
+    Kf = K.transpose(0, 2, 1, 3).reshape(14, 14)
+    r0 = (net(X) - y).reshape(-1)
+    lr = 0.5 / _lam_max(net, X)
+    traj = gf.simulate(net, X, y, steps=30, lr=lr, engine="frozen_kernel", record_every=10)
+    A = jnp.eye(14) - lr * Kf
+    expected = jnp.stack([jnp.linalg.matrix_power(A, n) @ r0 for n in (0, 10, 20, 30)])
+    assert rel_err(traj.r.reshape(4, -1), expected) <= 1e-12
+    ts = jnp.array([0.0, 0.5, 2.0])
+    ft = gf.flow(net, X, y, t1=2.0, ts=ts, lr=lr, engine="frozen_kernel")
+    expected = jnp.stack([jax.scipy.linalg.expm(-lr * t * Kf) @ r0 for t in ts])
+    assert rel_err(ft.r.reshape(3, -1), expected) <= 1e-12
+
+
+def test_frozen_kernel_error_decreases_with_width(getkey):
+    """The lazy (NTK) limit: freezing K errs less as the width grows."""
+    kd = getkey()
+    X, y = gf.teacher_student(kd, samples=16, in_dim=5)
+    errors = []
+    for width in (16, 128, 1024):
+        errs = []
+        for seed in range(3):
+            net = gf.ReLUNet.init(jax.random.key(seed), 5, (width, width))
+            traj = gf.simulate(net, X, y, steps=100, lr=0.05, engine="frozen_kernel",
+                               reference="weights", record_every=100)
+            errs.append(float(traj.observables["closure_error"][-1]))
+        errors.append(np.mean(errs))
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_flow_one_layer_collective_equals_weights(getkey):
+    net, X, y = _task(jax.random.key(1), 1, (32,), P=8, d=3)  # a seed without sliding
+    ts = jnp.linspace(0.0, 1.0, 6)
+    kw = dict(t1=1.0, ts=ts, rtol=1e-12, atol=1e-12)
+    w = gf.flow(net, X, y, engine="weights", **kw)
+    c = gf.flow(net, X, y, engine="collective", **kw)
+    assert rel_err(c.r, w.r) <= 1e-8
+    assert c.t.tolist() == ts.tolist() and c.step is None
+    both = gf.flow(net, X, y, engine="collective", reference="weights", **kw)
+    assert float(both.observables["closure_error"].max()) <= 1e-12  # one solve: a linear image
+    assert float(w.loss[-1]) < float(w.loss[0])
+
+
+def test_flow_deep_collective_equals_weights_without_sliding(getkey):
+    net, X, y = _task(jax.random.key(3), 3, (16, 12, 10), P=8, d=3)  # a seed without sliding
+    kw = dict(t1=0.3, ts=jnp.linspace(0.0, 0.3, 4), rtol=1e-11, atol=1e-12)
+    both = gf.flow(net, X, y, engine="collective", reference="weights", **kw)
+    assert float(both.observables["closure_error"].max()) <= 1e-8
+    assert float(both.observables["field_error"].max()) <= 1e-8
+
+
+def test_flow_matches_small_step_gd(getkey):
+    """Gradient descent with step η/n over n·T steps approaches the flow to time T as n grows."""
+    net, X, y = _task(jax.random.key(1), 1, (32,), P=8, d=3)
+    ft = gf.flow(net, X, y, t1=0.5, ts=jnp.array([0.5]), rtol=1e-12, atol=1e-12)
+    errs = []
+    for n in (50, 100):
+        traj = gf.simulate(net, X, y, steps=n, lr=0.5 / n, record_every=n)
+        errs.append(rel_err(traj.r[-1], ft.r[-1]))
+    assert errs[1] < 0.6 * errs[0] and errs[1] < 1e-2  # first order in the step
+
+
+def test_optax_optimizer(getkey):
+    net, X, y = problem(getkey(), 2, P=8)
+    opt = optax.adam(1e-2)
+    traj = gf.simulate(net, X, y, steps=20, optimizer=opt, record_every=20)
+    ws, state = net.weights, opt.init(net.weights)
+    loss = lambda ws: 0.5 * jnp.sum((plain_f(ws, net.readout, net.scales, X)[0] - y) ** 2)  # noqa: E731
+    for _ in range(20):
+        updates, state = opt.update(jax.grad(loss)(ws), state, ws)
+        ws = optax.apply_updates(ws, updates)
+    assert_rel_close(traj.final.weights, ws, jnp.float64, what="adam")
+
+
+def test_record_every_and_steps(getkey):
+    net, X, y = problem(getkey(), 1, P=8)
+    traj = gf.simulate(net, X, y, steps=10, lr=0.01, record_every=3)
+    assert traj.step.tolist() == [0, 3, 6, 9, 10]
+    full = gf.simulate(net, X, y, steps=10, lr=0.01)
+    assert_rel_close(traj.r, full.r[jnp.array([0, 3, 6, 9, 10])], jnp.float64)
+    assert traj.loss.shape == (5,) and traj.r.shape == (5, 8)
+
+
+@pytest.mark.parametrize("engine", ["weights", "collective"])
+def test_observables_match_direct_computation(getkey, engine):
+    net, X, y = problem(getkey(), 3, out_dim=2, P=8)
+    names = [n for n in gf.OBSERVABLES]
+    traj = gf.simulate(net, X, y, steps=6, lr=0.02, engine=engine, observables=names, top_m=3,
+                       record_every=3)
+    obs = traj.observables
+    ref = gf.simulate(net, X, y, steps=3, lr=0.02, record_every=3)
+    nets = [net, ref.final]
+    K0 = gf.layer_kernels(net, X)
+    for i, n in enumerate(nets):
+        lk = gf.layer_kernels(n, X)
+        K = lk.total.transpose(0, 2, 1, 3).reshape(16, 16)
+        traces = jnp.stack([jnp.trace(k.transpose(0, 2, 1, 3).reshape(16, 16)) for k in lk.K])
+        assert_rel_close(obs["kernel_trace"][i], traces, jnp.float64)
+        assert_rel_close(obs["kernel_share"][i], traces / traces.sum(), jnp.float64)
+        assert_rel_close(obs["kernel"][i], lk.total, jnp.float64)
+        assert_rel_close(obs["kernel_eigs"][i], jnp.linalg.eigvalsh(K)[::-1][:3], jnp.float64)
+        layer_eigs = [jnp.linalg.eigvalsh(k.transpose(0, 2, 1, 3).reshape(16, 16))[::-1][:3] for k in lk.K]
+        assert_rel_close(obs["layer_kernel_eigs"][i], jnp.stack(layer_eigs), jnp.float64)
+        K0f = K0.total.transpose(0, 2, 1, 3).reshape(16, 16)
+        drift = jnp.linalg.norm(K - K0f) / jnp.linalg.norm(K0f)
+        assert abs(float(obs["kernel_drift"][i] - drift)) <= 1e-12
+        v = y.reshape(-1)
+        align = v @ K @ v / (jnp.linalg.norm(K) * (v @ v))
+        assert abs(float(obs["alignment"][i] - align)) <= 1e-12
+        H = plain_f(n.weights, n.readout, n.scales, X)[1]
+        assert_rel_close(obs["active_fraction"][i], jnp.stack([jnp.mean((h > 0).astype(jnp.float64)) for h in H]), jnp.float64)
+        q_drift = [jnp.linalg.norm(q - q0) / jnp.linalg.norm(q0) for q, q0 in zip(lk.Q, K0.Q)]
+        assert jnp.allclose(obs["coactivation_drift"][i], jnp.stack(q_drift), atol=1e-12)
+    assert float(obs["kernel_drift"][0]) == 0.0 and float(obs["kernel_drift"][1]) > 0.0
+
+
+def test_divergence_reports_first_nonfinite(getkey):
+    net, X, y = problem(jax.random.key(0), 1, P=8)  # deeper nets tend to die instead
+    lr = 50.0 / _lam_max(net, X)
+    with pytest.warns(RuntimeWarning, match="non-finite at step .* smaller lr"):
+        traj = gf.simulate(net, X, y, steps=400, lr=lr, record_every=50)
+    n = int(traj.first_nonfinite)
+    assert 0 < n <= 400
+    _, rs = _gd_loop(net, X, y, lr, n)
+    assert np.isfinite(float(jnp.sum(rs[n - 1] ** 2))) and not np.isfinite(float(jnp.sum(rs[n] ** 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = gf.simulate(net, X, y, steps=50, lr=0.5 / _lam_max(net, X))
+    assert int(ok.first_nonfinite) == -1
+
+
+def _final_loss_fn(net, X, y, engine, kind):
+    def fn(lr, scale, X):
+        scaled = eqx.tree_at(lambda n: n.weights, net, tuple(scale * w for w in net.weights))
+        if kind == "simulate":
+            traj = gf.simulate(scaled, X, y, steps=20, lr=lr, engine=engine, record_every=20)
+        else:
+            traj = gf.flow(scaled, X, y, t1=0.5, ts=jnp.array([0.5]), lr=lr, engine=engine,
+                           rtol=1e-12, atol=1e-12)
+        return traj.loss[-1]
+
+    return fn
+
+
+@pytest.mark.parametrize("engine", ["weights", "collective"])
+@pytest.mark.parametrize("kind", ["simulate", "flow"])
+def test_gradients_match_finite_differences(getkey, engine, kind):
+    net, X, y = _task(jax.random.key(1), 2 if kind == "simulate" else 1,
+                      (10, 8) if kind == "simulate" else (32,), P=8, d=3)
+    fn = _final_loss_fn(net, X, y, engine, kind)
+    args = (jnp.asarray(0.1), jnp.asarray(1.0), X)
+    grads = jax.grad(fn, argnums=(0, 1, 2))(*args)
+    eps = 1e-6
+    for i, g in enumerate(grads):
+        direction = jax.random.normal(getkey(), jnp.shape(args[i]))
+        plus = list(args)
+        minus = list(args)
+        plus[i] = args[i] + eps * direction
+        minus[i] = args[i] - eps * direction
+        fd = (fn(*plus) - fn(*minus)) / (2 * eps)
+        ad = jnp.vdot(g, direction)
+        assert abs(float(ad - fd)) <= 1e-6 * max(1.0, abs(float(fd))), (i, float(ad), float(fd))
+
+
+def test_simulate_under_vmap_over_lrs(getkey):
+    net, X, y = problem(getkey(), 2, P=8)
+    lrs = jnp.array([0.01, 0.02, 0.04])
+    batched = jax.vmap(lambda lr: gf.simulate(net, X, y, steps=15, lr=lr, engine="collective").loss)(lrs)
+    for i, lr in enumerate(lrs):
+        single = gf.simulate(net, X, y, steps=15, lr=float(lr), engine="collective").loss
+        assert rel_err(batched[i], single) <= 1e-13
+
+
+def test_bad_configurations(getkey):
+    net, X, y = problem(getkey(), 2, P=8)
+    with pytest.raises(ValueError, match="unknown engine 'adjoint'"):
+        gf.simulate(net, X, y, steps=3, lr=0.1, engine="adjoint")
+    with pytest.raises(ValueError, match="`optimizer` only applies to engine='weights'"):
+        gf.simulate(net, X, y, steps=3, lr=0.1, engine="collective", optimizer=optax.sgd(0.1))
+    with pytest.raises(TypeError, match="optax.GradientTransformation"):
+        gf.simulate(net, X, y, steps=3, optimizer=lambda g: g)
+    with pytest.raises(ValueError, match="unknown observable.*'spectra'"):
+        gf.simulate(net, X, y, steps=3, lr=0.1, observables=["spectra"])
+    with pytest.raises(ValueError, match="'frozen_kernel' carries only the residual"):
+        gf.simulate(net, X, y, steps=3, lr=0.1, engine="frozen_kernel", observables=["kernel_trace"])
+    with pytest.raises(ValueError, match="`steps` must be a positive int"):
+        gf.simulate(net, X, y, steps=0, lr=0.1)
+    with pytest.raises(ValueError, match="`record_every` must be a positive int"):
+        gf.simulate(net, X, y, steps=3, lr=0.1, record_every=0)
+    with pytest.raises(ValueError, match="`lr` is required"):
+        gf.simulate(net, X, y, steps=3)
+    with pytest.raises(ValueError, match="`lr` must be positive and finite"):
+        gf.simulate(net, X, y, steps=3, lr=-0.1)
+    with pytest.raises(ValueError, match="`transport` only applies to engine='collective'"):
+        gf.simulate(net, X, y, steps=3, lr=0.1, transport=0)
+    with pytest.raises(ValueError, match="`t1` must be positive"):
+        gf.flow(net, X, y, t1=0.0)
+    with pytest.raises(ValueError, match="`ts` must be non-decreasing times within"):
+        gf.flow(net, X, y, t1=1.0, ts=jnp.array([0.5, 2.0]))
+    with pytest.raises(ValueError, match="`y` has shape"):
+        gf.simulate(net, X, y[:3], steps=3, lr=0.1)
+
+
+def test_flow_sliding_error_is_explained():
+    net, X, y = _task(jax.random.key(0), 1, (32,), P=8, d=3)  # this seed slides before t = 1
+    with pytest.raises(RuntimeError, match="sliding"):
+        gf.flow(net, X, y, t1=1.0, rtol=1e-12, atol=1e-12, max_steps=5000)
+    # Forcing a minimum step follows the sliding flow; the one-layer collective engine, a
+    # linear image of the weights, still agrees with the weights engine in the same solve.
+    both = gf.flow(net, X, y, t1=1.0, rtol=1e-10, atol=1e-12, dtmin=1e-4, engine="collective",
+                   reference="weights")
+    assert float(both.observables["closure_error"].max()) <= 1e-10
