@@ -146,27 +146,41 @@ class CollectiveEngine(eqx.Module):
             H_l'     = s_l Z'_{l-1} W_lᵀ − η s_l² (Z'_{l-1} Z_{l-1}ᵀ) E_l   (H_1' = H_1 − η s_1² C E_1)
             B'_{l-1} = s_l Δ'_l W_l     − η s_l² (Δ'_l · E_l) Z_{l-1}
             W_l'     = W_l − η s_l E_lᵀ Z_{l-1}                            (l ≥ 2 only)
+
+        Contracted in the cheaper order (I6): when the mixed Gram `(Z' Zᵀ) E` costs more
+        than `Z' (Zᵀ E)`, the two terms of each map share `Zᵀ E` and fold into one product
+        with the updated generator, `H_l' = s_l Z'_{l-1} W_l'ᵀ`, `B'_{l-1} = s_l Δ'_l W_l'`.
         """
         if self.transport is not None:
             return self._euler_step(st, lr)
-        s, W = self.net.scales, (None, *st.weights)
+        s, W, L = self.net.scales, (None, *st.weights), len(st.H)
         v = self.view(st)
         E = tuple(residual_weighted(v.r, d) for d in v.Delta)
+        P = self.X.shape[0]
+        # Updated generators W_l' = W_l − η s_l E_lᵀ Z_{l-1} (l ≥ 2).
+        Wn = (None, *(W[l] - lr * s[l] * (E[l].T @ v.Z[l]) for l in range(1, L)))
+        fold = [P * (W[l].shape[0] + W[l].shape[1]) >= 2 * W[l].size if l else False
+                for l in range(L)]
         H = [st.H[0] - lr * s[0] ** 2 * self._apply_C(E[0])]
         Z = [self.X, jax.nn.relu(H[0])]
-        for l in range(1, len(st.H)):
-            transport = s[l] * (Z[-1] @ W[l].T)
-            H.append(transport - lr * s[l] ** 2 * gram_apply(Z[-1], v.Z[l], E[l]))
+        for l in range(1, L):
+            if fold[l]:
+                H.append(s[l] * (Z[-1] @ Wn[l].T))
+            else:
+                transport = s[l] * (Z[-1] @ W[l].T)
+                H.append(transport - lr * s[l] ** 2 * gram_apply(Z[-1], v.Z[l], E[l]))
             Z.append(jax.nn.relu(H[-1]))
         D = masks(H)
-        B = [output_field(self.net, self.X.shape[0])]
-        for l in range(len(st.H) - 1, 0, -1):
+        B = [output_field(self.net, P)]
+        for l in range(L - 1, 0, -1):
             Delta = apply_mask(D[l], B[-1])
-            transport = s[l] * (Delta @ W[l])
-            B.append(transport - lr * s[l] ** 2 * gram_apply(Delta, E[l], v.Z[l]))
-        weights = tuple(W[l] - lr * s[l] * (E[l].T @ v.Z[l]) for l in range(1, len(st.H)))
-        r = s[-1] * (Z[-1] @ self.net.readout) - self.y
-        new = FieldState(H=tuple(H), B=tuple(reversed(B[1:])), r=r, weights=weights)
+            if fold[l]:
+                B.append(s[l] * (Delta @ Wn[l]))
+            else:
+                transport = s[l] * (Delta @ W[l])
+                B.append(transport - lr * s[l] ** 2 * gram_apply(Delta, E[l], v.Z[l]))
+        r = self.residual(H[-1])
+        new = FieldState(H=tuple(H), B=tuple(reversed(B[1:])), r=r, weights=Wn[1:])
         return new, 0.5 * jnp.sum(v.r**2)
 
     def _euler_step(self, st: FieldState, lr):

@@ -22,6 +22,14 @@ def test_usage_example_runs():
     assert namespace["K"].shape == (8, 32, 32)
 
 
+def test_simulate_example_runs():
+    code = _block_after("<!-- example: simulate -->", "python")
+    namespace = {}
+    exec(compile(code, "README.md:simulate", "exec"), namespace)
+    assert float(namespace["fields"].observables["closure_error"].max()) < 1e-10
+    assert float(namespace["fields"].loss[-1]) < float(namespace["fields"].loss[0])
+
+
 def test_ci_runs_the_readme_test_command():
     command = _block_after("<!-- test-command -->", "bash").strip()
     ci = subprocess.run(

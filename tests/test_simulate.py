@@ -84,9 +84,10 @@ def test_one_layer_collective_carries_no_weights(getkey, P, d):
 
 
 @pytest.mark.parametrize("out_dim", [None, 2])
-def test_three_layer_collective_equals_weights(getkey, out_dim):
+@pytest.mark.parametrize("P,widths", [(12, (16, 12, 10)), (40, (8, 6, 5))])  # both orders (I6)
+def test_three_layer_collective_equals_weights(getkey, out_dim, P, widths):
     """(I8): the exact discrete maps in field form reproduce gradient descent."""
-    net, X, y = _task(getkey(), 3, (16, 12, 10), out_dim=out_dim)
+    net, X, y = _task(getkey(), 3, widths, out_dim=out_dim, P=P)
     lr = 0.9 / _lam_max(net, X)
     traj = gf.simulate(net, X, y, steps=500, lr=lr, engine="collective", record_every=50,
                        reference="weights")
