@@ -17,6 +17,15 @@ from ._state import (
     pullback_gradients as pullback_gradients,
 )
 from ._observables import OBSERVABLES as OBSERVABLES
+from ._operators import (
+    OperatorSummary as OperatorSummary,
+    block_operator as block_operator,
+    hierarchy_velocities as hierarchy_velocities,
+    operator_pairs as operator_pairs,
+    operator_summary as operator_summary,
+    pullback_operators as pullback_operators,
+    pushforward_operators as pushforward_operators,
+)
 from ._simulate import Trajectory as Trajectory, flow as flow, simulate as simulate
 from ._velocities import Velocities as Velocities, velocities as velocities
 from ._verify import VerificationReport as VerificationReport, verify as verify

@@ -56,7 +56,14 @@ def check_net(net) -> None:
     from ._network import ReLUNet
 
     if not isinstance(net, ReLUNet):
-        raise TypeError(f"`net` must be a gramflow.ReLUNet, got {type(net).__name__}.")
+        raise TypeError(
+            f"`net` must be a gramflow.ReLUNet, got {type(net).__name__}. gramflow's "
+            "identities hold for bias-free networks with a positively homogeneous activation "
+            "(ReLU) and a fixed readout: the pullback hierarchy (I5) rests on "
+            "z_k = J^z_{k←l} z_l, which biases and activations such as tanh or GELU break. "
+            "Build the network with `gramflow.ReLUNet.init` (or `ReLUNet(weights=..., "
+            "readout=..., scales=...)` from your own bias-free weights)."
+        )
     if net.scales.ndim != 1:
         raise ValueError(
             f"`net` is a batch of networks (scales of shape {net.scales.shape}); map over it "

@@ -21,6 +21,11 @@ OBSERVABLES = {
     "alignment": ("()", "kernel–target alignment ⟨y, K y⟩ / (‖K‖_F ‖y‖²)"),
     "coactivation_drift": ("(L,)", "‖Q_l(t) − Q_l(0)‖_F / ‖Q_l(0)‖_F"),
     "kernel": ("(P, P) or (P, P, k, k)", "the full kernel K (per-record matrices: memory!)"),
+    "operator_drift": (
+        "(n_pairs,)",
+        "‖𝔊(t) − 𝔊(0)‖_F / ‖𝔊(0)‖_F per Gram operator, in the order of "
+        "gramflow.operator_pairs(L); materializes them: small problems only",
+    ),
 }
 DEFAULT_OBSERVABLES = ("loss", "r", "kernel_trace", "kernel_share", "active_fraction")
 # Observables that need the (P, P) kernels rather than O(P N) field reductions.
@@ -31,13 +36,15 @@ FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
 
 class View(eqx.Module):
     """The fields an observable may read; `H`, `Z`, `D`, `Delta` are `None` for engines that
-    carry only the residual."""
+    carry only the residual. `weights` are the operator generators (`W_1` may be `None`)."""
 
     r: Float[Array, "P *k"]
     H: tuple | None = None
     Z: tuple | None = None
     D: tuple | None = None
     Delta: tuple | None = None
+    weights: tuple | None = None
+    op_masks: tuple | None = None  # masks generating the Gram operators, if not `D`
 
 
 def flat_kernel(K: Float[Array, "P P *kk"]) -> Float[Array, "Pk Pk"]:
@@ -73,15 +80,25 @@ class Reference(eqx.Module):
     K: Array | None
     Q: tuple | None
     y: Array
+    ops: list | None = None
+
+
+def _operators_of(view: View, scales):
+    from ._operators import all_operators
+
+    D = view.D if view.op_masks is None else view.op_masks
+    return all_operators(scales, view.weights, D, view.r.shape[0], view.r.dtype)
 
 
 def reference(view: View, scales, y, names) -> Reference:
-    K, Q = None, None
+    K, Q, ops = None, None, None
     if {"kernel_drift"} & set(names):
         K = _kernels_of(view, scales)[1]
     if "coactivation_drift" in names:
         Q = tuple(coactivation(d) for d in view.Delta)
-    return Reference(K=K, Q=Q, y=y)
+    if "operator_drift" in names:
+        ops = _operators_of(view, scales)
+    return Reference(K=K, Q=Q, y=y, ops=ops)
 
 
 def _kernels_of(view: View, scales):
@@ -104,6 +121,10 @@ def observe(view: View, scales, ref: Reference, names, top_m: int) -> dict[str, 
             out["kernel_share"] = tr / jnp.sum(tr)
     if "active_fraction" in names:
         out["active_fraction"] = jnp.stack([jnp.mean(d) for d in view.D])
+    if "operator_drift" in names:
+        ops = _operators_of(view, scales)
+        drifts = [_rel_drift(op, op0) for op, op0 in zip(ops, ref.ops)]
+        out["operator_drift"] = jnp.stack(drifts) if drifts else jnp.zeros((0,), view.r.dtype)
     if _NEEDS_KERNEL & set(names):
         Ks, K = _kernels_of(view, scales)
         if "kernel" in names:

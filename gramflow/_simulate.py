@@ -71,7 +71,8 @@ def _check_lr(lr, dtype):
     return lr
 
 
-def _check_engines(engine, reference_engine, optimizer, transport):
+def _check_engines(engine, reference_engine, optimizer, transport, operators="current"):
+    """Validate the engine configuration; returns the closure `(transport, frozen)`."""
     for name, value in [("engine", engine), ("reference", reference_engine)]:
         if value is not None and value not in ENGINES:
             raise ValueError(f"unknown {name} {value!r}; expected one of {ENGINES}.")
@@ -91,6 +92,11 @@ def _check_engines(engine, reference_engine, optimizer, transport):
             raise ValueError("`transport` only applies to engine='collective'.")
         if isinstance(transport, bool) or not isinstance(transport, int) or transport < 0:
             raise ValueError(f"`transport` must be None or an int ≥ 0, got {transport!r}.")
+    if operators not in ("current", "frozen"):
+        raise ValueError(f"`operators` must be 'current' or 'frozen', got {operators!r}.")
+    if operators == "frozen" and engine != "collective":
+        raise ValueError("`operators='frozen'` only applies to engine='collective'.")
+    return transport, operators == "frozen"
 
 
 def _record(engine, state, names, scales, ref, top_m):
@@ -105,11 +111,23 @@ def _first_nonfinite(losses, offset):
     return jnp.where(jnp.any(bad), jnp.argmax(bad) + offset, -1)
 
 
-def _make_engine(net, X, y, engine, reference_engine, optimizer, transport, lr, continuous):
+def _check_operator_size(net, P, names):
+    from ._operators import DEFAULT_MAX_BYTES, operator_bytes
+
+    if "operator_drift" in names and 2 * operator_bytes(net, P) > DEFAULT_MAX_BYTES:
+        raise ValueError(
+            f"observable 'operator_drift' materializes the Gram operators, "
+            f"{2 * operator_bytes(net, P):,} bytes with their t = 0 copies for P = {P} and "
+            f"widths {net.widths}, above {DEFAULT_MAX_BYTES:,}; it is for small problems."
+        )
+
+
+def _make_engine(net, X, y, engine, reference_engine, optimizer, closure, lr, continuous):
     if engine == "weights" and optimizer is None and not continuous:
         optimizer = optax.sgd(lr)
     main = build_engine(
-        engine, net, X, y, optimizer=optimizer, transport=transport, continuous=continuous
+        engine, net, X, y, optimizer=optimizer, transport=closure[0], frozen=closure[1],
+        continuous=continuous,
     )
     if reference_engine is None:
         return main
@@ -120,8 +138,8 @@ def _make_engine(net, X, y, engine, reference_engine, optimizer, transport, lr, 
 
 @eqx.filter_jit
 def _simulate(net, X, y, lr, optimizer, steps, record_every, engine, reference_engine,
-              transport, names, top_m):
-    eng = _make_engine(net, X, y, engine, reference_engine, optimizer, transport, lr, False)
+              closure, names, top_m):
+    eng = _make_engine(net, X, y, engine, reference_engine, optimizer, closure, lr, False)
     state = eng.init()
     ref = reference(eng.view(state), net.scales, y, names)
     record = lambda s: _record(eng, s, names, net.scales, ref, top_m)  # noqa: E731
@@ -167,6 +185,7 @@ def simulate(
     top_m: int = 5,
     reference: str | None = None,
     transport: int | None = None,
+    operators: str = "current",
 ) -> Trajectory:
     """Gradient descent on `L = ½ Σ_μ r_μ²` (sum-reduced), `W ← W − η ∂L/∂W`, for `steps`
     steps; the whole loop is one `jax.lax.scan` under `jit`.
@@ -177,9 +196,13 @@ def simulate(
       `optax.GradientTransformation` (default `optax.sgd(lr)`).
     - `"collective"`: the fields `H_l`, `B_l`, `r` advanced by the exact discrete maps (I8);
       for one hidden layer the carried state is `H_1` and `r` alone (I3), with `C = X Xᵀ`
-      applied as `X (Xᵀ ·)` when `d < P/2`. Equal to `"weights"` for any η. With
-      `transport=n`, Euler steps of the flow truncated to cross-layer transport of ≤ n
-      layers (I4, I5).
+      applied as `X (Xᵀ ·)` when `d < P/2`. Equal to `"weights"` for any η.
+      Closures (models, to measure what the hierarchy carries): `transport=n` keeps
+      cross-layer transport of ≤ n layers in (I4), (I5) (`0`: layer-local only; `None`:
+      all); `operators="frozen"` applies the Gram operators of t = 0 while the fields
+      evolve. A closure advances by Euler steps of its flow, so even `transport=L−1`
+      differs from the exact map by the O(η²) remainder (I7); pair it with
+      `reference="weights"` to record its error.
     - `"frozen_kernel"`: `r_n = (I − ηK₀)^n r₀` through one eigendecomposition of `K₀`.
 
     **Arguments:**
@@ -201,13 +224,14 @@ def simulate(
     X, y = check_inputs(net, X, y)
     steps = _positive_int("steps", steps)
     record_every = _positive_int("record_every", record_every)
-    _check_engines(engine, reference, optimizer, transport)
+    closure = _check_engines(engine, reference, optimizer, transport, operators)
     names = validate(observables, engine=engine, top_m=top_m)
+    _check_operator_size(net, X.shape[0], names)
     if lr is None and optimizer is not None and reference is None:
         lr = 1.0  # unused: the optimizer carries its own step size
     lr = _check_lr(lr, net.dtype)
     recs, final, bad, marks = _simulate(
-        net, X, y, lr, optimizer, steps, record_every, engine, reference, transport, names, top_m
+        net, X, y, lr, optimizer, steps, record_every, engine, reference, closure, names, top_m
     )
     traj = _trajectory(recs, final, bad, engine, step=jnp.asarray(marks))
     _warn_if_diverged(traj, lr, "step")
@@ -235,9 +259,9 @@ def _warn_if_diverged(traj, lr, what):
 
 
 @eqx.filter_jit
-def _flow(net, X, y, lr, ts, t1, engine, reference_engine, transport, names, top_m, solver,
+def _flow(net, X, y, lr, ts, t1, engine, reference_engine, closure, names, top_m, solver,
           rtol, atol, dtmin, max_steps):
-    eng = _make_engine(net, X, y, engine, reference_engine, None, transport, lr, True)
+    eng = _make_engine(net, X, y, engine, reference_engine, None, closure, lr, True)
     state = eng.init()
     ref = reference(eng.view(state), net.scales, y, names)
     record = lambda s: _record(eng, s, names, net.scales, ref, top_m)  # noqa: E731
@@ -289,6 +313,7 @@ def flow(
     top_m: int = 5,
     reference: str | None = None,
     transport: int | None = None,
+    operators: str = "current",
 ) -> Trajectory:
     """Gradient flow `dW/dt = −η ∂L/∂W` on `L = ½ Σ r²` from t = 0 to `t1`, through diffrax.
 
@@ -311,13 +336,16 @@ def flow(
     `[0, t1]` (default 101 equispaced); `lr`: η; `solver`: any diffrax solver (default
     `Tsit5()`); `rtol`, `atol`: tolerances of the PID step-size controller; `dtmin`: smallest
     step as a fraction of `t1`, forced when reached (default `None`: never forced);
-    `max_steps`: solver step budget; `observables`, `top_m`, `reference`, `transport`: as in `simulate`.
+    `max_steps`: solver step budget; `observables`, `top_m`, `reference`, `transport`,
+    `operators`: as in `simulate` (closures integrate B by (I5) and so also miss its jumps
+    at activation flips — part of what their error measures).
 
     **Returns:** a `Trajectory` with `t = ts`; `first_nonfinite` is an index into `ts`.
     """
     X, y = check_inputs(net, X, y)
-    _check_engines(engine, reference, None, transport)
+    closure = _check_engines(engine, reference, None, transport, operators)
     names = validate(observables, engine=engine, top_m=top_m)
+    _check_operator_size(net, X.shape[0], names)
     lr = _check_lr(lr, net.dtype)
     t1 = jnp.asarray(t1, net.dtype)
     if not isinstance(t1, jax.core.Tracer) and not (np.isfinite(t1) and t1 > 0):
@@ -330,7 +358,7 @@ def flow(
             raise ValueError("`ts` must be non-decreasing times within [0, t1].")
     max_steps = _positive_int("max_steps", max_steps)
     try:
-        recs, final = _flow(net, X, y, lr, ts, t1, engine, reference, transport, names, top_m,
+        recs, final = _flow(net, X, y, lr, ts, t1, engine, reference, closure, names, top_m,
                             solver, rtol, atol, dtmin, max_steps)
     except eqx.EquinoxRuntimeError as err:
         if "maximum number of solver steps" not in str(err):

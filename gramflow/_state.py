@@ -64,16 +64,15 @@ def output_field(net: ReLUNet, P: int) -> Float[Array, "P *k N_L"]:
     return jnp.broadcast_to(a if a.ndim == 1 else a.T, (P,) + a.T.shape)
 
 
-def pullback(scales, weights, D, top: Float[Array, "P *k N_L"], sources=None):
+def pullback(scales, weights, D, top: Float[Array, "P *k N_L"]):
     """Backward pullback recursion (I1): `Δ_l = D_l ⊙ B_l`, `B_{l-1} = s_l Δ_l W_l`.
 
-    Linear in the top field, so it serves the conjugate fields (`top = B_L = s_out a`), the
-    residual-weighted fields `E_l` of (I8) (`top = s_out r aᵀ`) and, with `sources`, the
-    conjugate-field velocities of (I5) (`top = 0`, `sources[l-1]` added to `B_{l-1}`).
+    Linear in the top field, so it serves both the conjugate fields (`top = B_L = s_out a`)
+    and the residual-weighted fields `E_l` of (I8) (`top = s_out r aᵀ`).
 
     **Arguments:** `scales`: `(s_1..s_L, s_out)`; `weights`: `W_1..W_L` (only `W_2..W_L` are
     used, so the first entry may be `None`); `D`: masks `D_1..D_L`; `top`: `B_L` of shape
-    `(P, N_L)` or `(P, k, N_L)`; `sources`: optional tuple of fields added at layers 1..L−1.
+    `(P, N_L)` or `(P, k, N_L)`.
 
     **Returns:** tuples `(B_1..B_L, Δ_1..Δ_L)`, each entry shaped like `top` with `N_l` units.
     """
@@ -82,8 +81,6 @@ def pullback(scales, weights, D, top: Float[Array, "P *k N_L"], sources=None):
         Delta.append(apply_mask(D[l], B[-1]))
         if l > 0:
             B.append(scales[l] * (Delta[-1] @ weights[l]))
-            if sources is not None:
-                B[-1] = B[-1] + sources[l - 1]
     return tuple(reversed(B)), tuple(reversed(Delta))
 
 

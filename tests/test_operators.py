@@ -1,0 +1,197 @@
+"""The Gram-operator hierarchy (I4–I6): materialized operators against per-sample Jacobians,
+matrix-free against materialized, truncated and frozen closures, size refusal, scope errors."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import WIDTHS, assert_rel_close, problem, rel_err
+
+import gramflow as gf
+
+
+def _sample_jacobians(net, x):
+    """Per-sample `∂h_l/∂h_k` and `∂z_k/∂z_l` for all layer pairs, by jax.jacrev."""
+    relu = lambda h: jnp.where(h > 0, h, 0.0)  # noqa: E731
+    hs, z = [], x
+    for s, W in zip(net.scales[:-1], net.weights):
+        hs.append(s * (W @ z))
+        z = relu(hs[-1])
+
+    def h_to_h(k, l):
+        def f(h):
+            for j in range(k, l):
+                h = net.scales[j] * (net.weights[j] @ relu(h))
+            return h
+
+        return jax.jacrev(f)(hs[k - 1])
+
+    def z_to_z(k, l):
+        def f(z):
+            for j in range(l, k):
+                z = relu(net.scales[j] * (net.weights[j] @ z))
+            return z
+
+        return jax.jacrev(f)(relu(hs[l - 1]))
+
+    return h_to_h, z_to_z
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_operators_equal_jacobian_definitions(getkey, depth):
+    net, X, _ = problem(getkey(), depth)
+    G = gf.pushforward_operators(net, X)
+    M = gf.pullback_operators(net, X)
+    L = depth
+    assert sorted(G) == [(k, l) for k in range(1, L + 1) for l in range(k + 1, L + 1)]
+    assert sorted(M) == [(k, l) for k in range(2, L) for l in range(1, k)]
+    jacs = [_sample_jacobians(net, x) for x in X]
+    for (k, l), op in G.items():
+        J = jnp.stack([h_to_h(k, l) for h_to_h, _ in jacs])  # (P, N_l, N_k)
+        assert op.shape == (6, 6, WIDTHS[L][l - 1], WIDTHS[L][l - 1])
+        assert_rel_close(op, jnp.einsum("mak,nbk->mnab", J, J), jnp.float64, what=f"G{(k, l)}")
+    for (k, l), op in M.items():
+        J = jnp.stack([z_to_z(k, l) for _, z_to_z in jacs])  # (P, N_k, N_l)
+        assert_rel_close(op, jnp.einsum("mka,nkb->mnab", J, J), jnp.float64, what=f"M{(k, l)}")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("out_dim", [None, 2])
+def test_matrix_free_equals_materialized(getkey, depth, out_dim):
+    """(I6): the engines' matrix-free velocities equal (I4)/(I5) with materialized operators."""
+    net, X, y = problem(getkey(), depth, out_dim=out_dim)
+    assert_rel_close(gf.hierarchy_velocities(net, X, y), gf.velocities(net, X, y),
+                     jnp.float64, what="velocities")
+
+
+def test_contraction_identity(getkey):
+    """(I6): Σ_ν c_{μν} 𝔊^{k→l}_{μν} Δ_{l,ν} = J^h_{l←k,μ} (Σ_ν c_{μν} Δ_{k,ν})."""
+    net, X, y = problem(getkey(), 3)
+    G = gf.pushforward_operators(net, X)
+    Delta = gf.collective_state(net, X, y).Delta
+    c = jax.random.normal(getkey(), (6, 6))
+    jacs = [_sample_jacobians(net, x)[0] for x in X]
+    for (k, l), op in G.items():
+        lhs = jnp.einsum("mn,mnab,nb->ma", c, op, Delta[l - 1])
+        J = jnp.stack([j(k, l) for j in jacs])
+        rhs = jnp.einsum("mak,mk->ma", J, c @ Delta[k - 1])
+        assert_rel_close(lhs, rhs, jnp.float64, what=f"I6 {(k, l)}")
+
+
+def _run(net, X, y, **kw):
+    return gf.simulate(net, X, y, steps=60, lr=0.05, record_every=20, reference="weights",
+                       observables=("loss",), **kw)
+
+
+def _task(key, widths):
+    kd, kn = jax.random.split(key)
+    X, y = gf.teacher_student(kd, samples=10, in_dim=4)
+    return gf.ReLUNet.init(kn, 4, widths), X, y
+
+
+def test_transport_none_is_exact(getkey):
+    net, X, y = _task(getkey(), (12, 10, 8))
+    traj = _run(net, X, y, engine="collective", transport=None)
+    assert float(traj.observables["closure_error"].max()) <= 1e-12
+    assert float(traj.observables["field_error"].max()) <= 1e-12
+
+
+@pytest.mark.parametrize("closure", [{"transport": 0}, {"operators": "frozen"}])
+def test_one_hidden_layer_closures_are_exact(getkey, closure):
+    net, X, y = _task(getkey(), (16,))
+    traj = _run(net, X, y, engine="collective", **closure)
+    assert float(traj.observables["closure_error"].max()) <= 1e-12
+    ts = jnp.linspace(0.0, 0.2, 3)
+    ft = gf.flow(net, X, y, t1=0.2, ts=ts, engine="collective", reference="weights",
+                 observables=("loss",), rtol=1e-12, atol=1e-12, dtmin=1e-3, **closure)
+    assert float(ft.observables["closure_error"].max()) <= 1e-10
+
+
+@pytest.mark.parametrize("widths", [(12, 10), (12, 10, 8), (9, 8, 7, 6)])
+def test_dropping_transport_errs(getkey, widths):
+    net, X, y = _task(getkey(), widths)
+    local = _run(net, X, y, engine="collective", transport=0)
+    full = _run(net, X, y, engine="collective", transport=len(widths) - 1)
+    frozen = _run(net, X, y, engine="collective", operators="frozen")
+    e_local = float(local.observables["closure_error"][-1])
+    e_full = float(full.observables["closure_error"][-1])
+    assert e_local > 1e-6
+    assert float(frozen.observables["closure_error"][-1]) > 1e-6
+    assert e_full < e_local  # keeping the transport helps
+
+
+def test_closures_in_continuous_time(getkey):
+    net, X, y = _task(jax.random.key(2), (12, 10, 8))
+    kw = dict(t1=0.3, ts=jnp.linspace(0, 0.3, 4), engine="collective", reference="weights",
+              observables=("loss",), rtol=1e-10, atol=1e-12, dtmin=1e-4)
+    local = gf.flow(net, X, y, transport=0, **kw)
+    frozen = gf.flow(net, X, y, operators="frozen", **kw)
+    assert float(local.observables["closure_error"][-1]) > 1e-6
+    assert float(frozen.observables["closure_error"][-1]) > 1e-6
+
+
+def test_size_refusal(getkey):
+    net = gf.ReLUNet.init(getkey(), 3, (64, 64, 64))
+    X = jnp.ones((40, 3))
+    for fn in (gf.pushforward_operators, gf.pullback_operators):
+        with pytest.raises(ValueError, match=r"would materialize [\d,]+ bytes .* above max_bytes = 1,000,000"):
+            fn(net, X, max_bytes=1_000_000)
+    assert gf.pushforward_operators(net, X[:2], max_bytes=1_000_000)[(1, 2)].shape == (2, 2, 64, 64)
+    with pytest.raises(ValueError, match="'operator_drift' materializes"):
+        big = gf.ReLUNet.init(getkey(), 3, (512, 512))
+        gf.simulate(big, jnp.ones((64, 3)), jnp.ones(64), steps=2, lr=0.1,
+                    observables=("operator_drift",))
+
+
+def test_operator_summary(getkey):
+    net, X, _ = problem(getkey(), 3)
+    op = gf.pushforward_operators(net, X)[(1, 3)]
+    summary = gf.operator_summary(op)
+    jac = [_sample_jacobians(net, x)[0](1, 3) for x in X]
+    J = jnp.concatenate(jac, axis=0)  # (P·N_3, N_1): rows (μ, a)
+    eig = jnp.sort(jnp.linalg.eigvalsh(J @ J.T))[::-1]
+    assert_rel_close(summary.spectrum, eig, jnp.float64, what="block spectrum")
+    assert float(summary.spectrum.min()) > -1e-12  # PSD
+    for m in range(3):
+        assert_rel_close(summary.block_spectra[m], jnp.linalg.eigvalsh(op[m, m])[::-1], jnp.float64)
+    assert_rel_close(summary.block_singular_values[0, 1], jnp.linalg.svd(op[0, 1])[1], jnp.float64)
+    identity = jnp.broadcast_to(jnp.eye(op.shape[-1]), op.shape)
+    locality = np.linalg.norm(op - identity) / np.linalg.norm(identity)
+    assert abs(float(summary.locality) - locality) <= 1e-12
+    assert_rel_close(gf.block_operator(op), (J @ J.T), jnp.float64, what="block operator")
+
+
+def test_operator_drift_observable(getkey):
+    net, X, y = _task(getkey(), (7, 6, 5))
+    traj = gf.simulate(net, X, y, steps=20, lr=0.1, record_every=20,
+                       observables=("operator_drift",))
+    pairs = gf.operator_pairs(3)
+    before = {**gf.pushforward_operators(net, X), **gf.pullback_operators(net, X)}
+    after = {**gf.pushforward_operators(traj.final, X), **gf.pullback_operators(traj.final, X)}
+    expected = [rel_err(after[(k, l)], before[(k, l)]) for _, k, l in pairs]
+    assert np.allclose(traj.observables["operator_drift"][-1], expected, atol=1e-12)
+    assert float(traj.observables["operator_drift"][0].max()) == 0.0
+    frozen = gf.simulate(net, X, y, steps=20, lr=0.1, record_every=20, engine="collective",
+                         operators="frozen", observables=("operator_drift",))
+    assert float(jnp.abs(frozen.observables["operator_drift"]).max()) == 0.0
+
+
+def test_scope_error_for_biased_or_non_homogeneous_networks(getkey):
+    mlp = eqx.nn.MLP(3, "scalar", 8, 2, activation=jnp.tanh, key=getkey())
+    X, y = jnp.ones((4, 3)), jnp.ones(4)
+    for fn in (gf.pushforward_operators, gf.pullback_operators, gf.collective_kernel):
+        with pytest.raises(TypeError, match="positively homogeneous.*biases and activations"):
+            fn(mlp, X)
+    with pytest.raises(TypeError, match="z_k = J"):
+        gf.simulate(mlp, X, y, steps=2, lr=0.1, engine="collective", transport=0)
+
+
+def test_bad_closure_options(getkey):
+    net, X, y = _task(getkey(), (6, 5))
+    with pytest.raises(ValueError, match="`operators` must be 'current' or 'frozen'"):
+        gf.simulate(net, X, y, steps=2, lr=0.1, engine="collective", operators="lazy")
+    with pytest.raises(ValueError, match="`operators='frozen'` only applies"):
+        gf.simulate(net, X, y, steps=2, lr=0.1, operators="frozen")
+    with pytest.raises(ValueError, match="`transport` must be None or an int"):
+        gf.simulate(net, X, y, steps=2, lr=0.1, engine="collective", transport=-1)
