@@ -2,6 +2,11 @@
 
 import importlib.metadata
 
+from ._closure import (
+    CLOSURES as CLOSURES,
+    ClosureStudy as ClosureStudy,
+    closure_study as closure_study,
+)
 from ._data import teacher_student as teacher_student
 from ._discrete import StepRemainder as StepRemainder, step_remainder as step_remainder
 from ._engines import FieldState as FieldState

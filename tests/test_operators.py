@@ -195,3 +195,19 @@ def test_bad_closure_options(getkey):
         gf.simulate(net, X, y, steps=2, lr=0.1, operators="frozen")
     with pytest.raises(ValueError, match="`transport` must be None or an int"):
         gf.simulate(net, X, y, steps=2, lr=0.1, engine="collective", transport=-1)
+
+
+def test_closure_study_small(getkey):
+    X, y = gf.teacher_student(getkey(), samples=8, in_dim=3)
+    study = gf.closure_study(X, y, depths=(1, 2), widths=(8, 16), seeds=(0, 1), steps=10,
+                             record_every=5, progress=False)
+    assert study.error.shape == (4, 2, 2, 2, 3) and study.loss.shape == (2, 2, 2, 3)
+    assert study.step.tolist() == [0, 5, 10]
+    final = study.final()
+    c = {name: i for i, name in enumerate(study.closures)}
+    for name in ("layer_local", "frozen_operators", "full_transport"):
+        assert final[c[name], 0].max() <= 1e-12  # L = 1: every field closure is exact
+    assert final[c["frozen_kernel"], 0].min() > 1e-8
+    assert final[c["layer_local"], 1].min() > 1e-6  # L = 2: dropping transport errs
+    with pytest.raises(ValueError, match="unknown closure"):
+        gf.closure_study(X, y, closures=("nope",))

@@ -1,0 +1,144 @@
+"""The closure experiment: how much of the exact field dynamics each closure keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from ._checks import check_inputs
+from ._network import ReLUNet
+from ._simulate import simulate
+
+#: name -> what it keeps (DESIGN.md §3). `full_transport` keeps every term of the flow but
+#: steps it by Euler, so its error is what the discretization and sliding cost.
+CLOSURES = {
+    "layer_local": "collective engine, transport=0: the k = l terms of (I4)/(I5) only",
+    "frozen_operators": "collective engine, Gram operators frozen at t = 0",
+    "frozen_kernel": "r_n = (I − ηK₀)^n r₀: the lazy / NTK limit",
+    "full_transport": "collective engine, transport=L−1: all terms, Euler steps of the flow",
+}
+
+
+def _options(name: str, depth: int) -> dict:
+    return {
+        "layer_local": dict(engine="collective", transport=0),
+        "frozen_operators": dict(engine="collective", operators="frozen"),
+        "frozen_kernel": dict(engine="frozen_kernel"),
+        "full_transport": dict(engine="collective", transport=depth - 1),
+    }[name]
+
+
+class ClosureStudy(eqx.Module):
+    """Errors of closures against the exact dynamics over a grid of depths, widths and seeds.
+
+    **Fields:**
+
+    - `error`: `(C, D, W, S, T)` relative residual error `‖r − r_exact‖ / ‖r_exact‖` of
+      closure c at depth d, width w, seed s and record t.
+    - `loss`: `(D, W, S, T)` loss of the exact dynamics.
+    - `step`: `(T,)` steps of the records.
+    - `closures`, `depths`, `widths`, `seeds`: the grid (static); depth = number of hidden
+      layers L (weight layers including the readout: L + 1).
+    """
+
+    error: Float[Array, "C D W S T"]
+    loss: Float[Array, "D W S T"]
+    step: Int[Array, " T"]
+    closures: tuple[str, ...] = eqx.field(static=True)
+    depths: tuple[int, ...] = eqx.field(static=True)
+    widths: tuple[int, ...] = eqx.field(static=True)
+    seeds: tuple[int, ...] = eqx.field(static=True)
+
+    def final(self) -> np.ndarray:
+        """`(C, D, W)` errors at the last record, averaged over seeds."""
+        return np.asarray(self.error[..., -1]).mean(axis=-1)
+
+
+def closure_study(
+    X: Float[Array, "P d"],
+    y: Float[Array, " P"],
+    *,
+    depths: Sequence[int] = (1, 2, 3, 4),
+    widths: Sequence[int] = (32, 128, 512),
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 200,
+    lr: float = 0.05,
+    record_every: int = 20,
+    parametrization: str = "ntk",
+    closures: Sequence[str] = tuple(CLOSURES),
+    progress: bool = True,
+) -> ClosureStudy:
+    """Run each closure against the exact dynamics (the weights engine in the same scan) for
+    every depth, width and seed (seeds through `jax.vmap`). Hidden layers all have the given
+    width; gradient descent on `½ Σ r²` with step `lr`.
+
+    What the theory says (DESIGN.md I3–I5): with one hidden layer every field closure is
+    exact and only the frozen kernel errs; from two hidden layers on, dropping transport errs;
+    the frozen variants improve with width. This measures it.
+    """
+    unknown = [c for c in closures if c not in CLOSURES]
+    if unknown:
+        raise ValueError(f"unknown closure(s) {unknown}; choose from {list(CLOSURES)}.")
+    d = X.shape[-1]
+    probe = ReLUNet.init(jax.random.key(0), d, (1,), dtype=jnp.asarray(X).dtype)
+    X, y = check_inputs(probe, X, y)
+    grid = [(L, w) for L in depths for w in widths]
+    bar = _progress(len(grid) * len(closures), progress)
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+    errors = np.zeros((len(closures), len(depths), len(widths), len(seeds), 0)).tolist()
+    losses, step = {}, None
+    for i, L in enumerate(depths):
+        for j, w in enumerate(widths):
+            nets = jax.vmap(
+                lambda k: ReLUNet.init(k, d, (w,) * L, parametrization=parametrization,
+                                       dtype=X.dtype)
+            )(keys)
+            for c, name in enumerate(closures):
+                run = jax.vmap(
+                    lambda n: simulate(n, X, y, steps=steps, lr=lr, record_every=record_every,
+                                       reference="weights", observables=("loss",),
+                                       **_options(name, L))
+                )(nets)
+                errors[c][i][j] = np.asarray(run.observables["closure_error"])
+                step = run.step[0]
+                bar.update(1)
+            exact = jax.vmap(
+                lambda n: simulate(n, X, y, steps=steps, lr=lr, record_every=record_every,
+                                   observables=("loss",)).loss
+            )(nets)
+            losses[(i, j)] = np.asarray(exact)
+    bar.close()
+    loss = np.stack([np.stack([losses[(i, j)] for j in range(len(widths))])
+                     for i in range(len(depths))])
+    return ClosureStudy(
+        error=jnp.asarray(np.array(errors)),
+        loss=jnp.asarray(loss),
+        step=jnp.asarray(step),
+        closures=tuple(closures),
+        depths=tuple(depths),
+        widths=tuple(widths),
+        seeds=tuple(seeds),
+    )
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with the `examples` extra
+        return _NoBar()
+    return tqdm(total=total, desc="closure runs", unit="run")
