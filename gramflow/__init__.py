@@ -32,6 +32,7 @@ from ._operators import (
     pushforward_operators as pushforward_operators,
 )
 from ._simulate import Trajectory as Trajectory, flow as flow, simulate as simulate
+from ._sweep import SweepResult as SweepResult, pad_network as pad_network, sweep as sweep
 from ._velocities import Velocities as Velocities, velocities as velocities
 from ._verify import VerificationReport as VerificationReport, verify as verify
 

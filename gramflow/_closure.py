@@ -134,11 +134,11 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, *, desc: str = "closure runs", unit: str = "run"):
     if not enabled:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm comes with the `examples` extra
         return _NoBar()
-    return tqdm(total=total, desc="closure runs", unit="run")
+    return tqdm(total=total, desc=desc, unit=unit)

@@ -1,0 +1,177 @@
+"""sweep: padding is exact, chunking and sharding change nothing, interrupted sweeps resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import rel_err
+
+import gramflow as gf
+import gramflow._sweep as sweep_module
+
+
+@pytest.fixture(scope="module")
+def data():
+    return gf.teacher_student(jax.random.key(0), samples=10, in_dim=4)
+
+
+@pytest.mark.parametrize("engine", ["weights", "collective"])
+def test_padded_width_sweep_equals_separate_runs(data, engine):
+    X, y = data
+    widths, depths, seeds, lrs = (3, 7, (9, 5)), (2,), (0, 1), (0.05, 0.2)
+    res = gf.sweep(X, y, widths=widths, depths=depths, seeds=seeds, lrs=lrs, steps=30,
+                   record_every=10, engine=engine, progress=False,
+                   observables=("loss", "r", "kernel_trace", "active_fraction", "kernel_eigs"))
+    assert res.loss.shape == (1, 3, 2, 2, 4)
+    assert res.observables["r"].shape == (1, 3, 2, 2, 4, 10)
+    assert res.step.tolist() == [0, 10, 20, 30]
+    for j, w in enumerate(widths):
+        arch = (w, w) if isinstance(w, int) else w
+        for s_i, seed in enumerate(seeds):
+            for r_i, lr in enumerate(lrs):
+                net = gf.ReLUNet.init(jax.random.key(seed), 4, arch)
+                traj = gf.simulate(net, X, y, steps=30, lr=lr, record_every=10, engine=engine,
+                                   observables=("loss", "r", "kernel_trace", "active_fraction",
+                                                "kernel_eigs"))
+                got = jax.tree.map(lambda a: a[0, j, s_i, r_i], res.observables)
+                assert rel_err(got["r"], traj.r) <= 1e-10
+                assert rel_err(got["kernel_trace"], traj.observables["kernel_trace"]) <= 1e-10
+                assert rel_err(got["active_fraction"], traj.observables["active_fraction"]) <= 1e-12
+                assert rel_err(got["kernel_eigs"], traj.observables["kernel_eigs"]) <= 1e-10
+                assert rel_err(res.loss[0, j, s_i, r_i], traj.loss) <= 1e-10
+
+
+def test_padding_is_exact_and_padded_weights_stay_zero(data):
+    X, y = data
+    net = gf.ReLUNet.init(jax.random.key(3), 4, (5, 3))
+    padded = gf.pad_network(net, (11, 8))
+    assert [w.shape for w in padded.weights] == [(11, 4), (8, 11)]
+    assert np.array_equal(padded.scales, net.scales)  # scales of the true widths
+    a = gf.simulate(net, X, y, steps=40, lr=0.1)
+    b = gf.simulate(padded, X, y, steps=40, lr=0.1)
+    assert rel_err(a.r, b.r) <= 1e-12
+    W1, W2 = b.final.weights
+    assert float(jnp.abs(W1[5:]).max()) == 0.0 and float(jnp.abs(W2[3:]).max()) == 0.0
+    assert float(jnp.abs(W2[:, 5:]).max()) == 0.0
+    assert rel_err(W1[:5], a.final.weights[0]) <= 1e-12
+
+
+def test_depths_and_per_layer_observables(data):
+    X, y = data
+    res = gf.sweep(X, y, widths=(4, 6), depths=(1, 3), seeds=(0,), lrs=(0.1,), steps=5,
+                   progress=False)
+    share = res.observables["kernel_share"]
+    assert share.shape == (2, 2, 1, 1, 6, 3)
+    assert np.all(np.isnan(share[0, ..., 1:])) and not np.any(np.isnan(share[1]))
+    assert np.allclose(np.nansum(share, axis=-1), 1.0)
+    assert res.first_nonfinite.shape == (2, 2, 1, 1)
+
+
+def test_chunking_changes_nothing(data, monkeypatch):
+    X, y = data
+    calls = []
+    real = sweep_module._run_chunk
+    monkeypatch.setattr(sweep_module, "_run_chunk",
+                        lambda *a: calls.append(1) or real(*a))
+    kw = dict(widths=(3, 5, 8), depths=(2,), seeds=(0, 1, 2), lrs=(0.05, 0.1), steps=10,
+              progress=False)
+    one = gf.sweep(X, y, **kw)
+    assert len(calls) == 1
+    per = sweep_module._bytes_per_config((8, 8), 10, 4, 1, 11, ("loss", "r"), 5, 8)
+    many = gf.sweep(X, y, max_bytes=5 * per, **kw)
+    assert len(calls) > 3
+    assert rel_err(many.observables["r"], one.observables["r"]) <= 1e-12
+    with pytest.raises(ValueError, match="needs about .* bytes, above max_bytes"):
+        gf.sweep(X, y, max_bytes=10, **kw)
+
+
+def test_sharded_equals_single_device(data, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, jax, numpy as np\n"
+        "jax.config.update('jax_enable_x64', True)\n"
+        "import gramflow as gf\n"
+        "X, y = gf.teacher_student(jax.random.key(0), samples=10, in_dim=4)\n"
+        "res = gf.sweep(X, y, widths=(3, 6), depths=(1, 2), seeds=(0, 1, 2), lrs=(0.05, 0.1),\n"
+        "               steps=12, record_every=4, progress=False, max_bytes=400_000)\n"
+        "np.savez(sys.argv[1], n=len(jax.devices()), loss=res.loss, r=res.observables['r'])\n"
+    )
+    outputs = {}
+    for n in (4, 1):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        path = tmp_path / f"out{n}.npz"
+        subprocess.run([sys.executable, str(script), str(path)], env=env, check=True,
+                       timeout=600)
+        outputs[n] = np.load(path)
+    assert int(outputs[4]["n"]) == 4 and int(outputs[1]["n"]) == 1
+    assert rel_err(outputs[4]["r"], outputs[1]["r"]) <= 1e-12  # same up to summation order
+    assert rel_err(outputs[4]["loss"], outputs[1]["loss"]) <= 1e-12
+
+
+def test_interrupted_sweep_resumes(data, tmp_path, monkeypatch):
+    X, y = data
+    kw = dict(widths=(3, 5), depths=(1, 2), seeds=(0, 1), lrs=(0.05, 0.1), steps=10,
+              progress=False, max_bytes=3 * sweep_module._bytes_per_config(
+                  (5, 5), 10, 4, 1, 11, ("loss", "r"), 5, 8))
+    reference = gf.sweep(X, y, **kw)
+    real = sweep_module._run_chunk
+    computed = []
+
+    def interrupted(*args):
+        if len(computed) == 3:
+            raise KeyboardInterrupt
+        computed.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(sweep_module, "_run_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gf.sweep(X, y, out=tmp_path, **kw)
+    finished = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert len(finished) == 3 and not list(tmp_path.glob("*.tmp"))
+    meta = json.loads((tmp_path / finished[0]).read_text())
+    assert {"fingerprint", "depth", "chunk", "configs", "gramflow", "jax"} <= set(meta)
+    assert {"width", "seed", "lr"} == set(meta["configs"][0])
+
+    recomputed = []
+    monkeypatch.setattr(sweep_module, "_run_chunk",
+                        lambda *a: recomputed.append(1) or real(*a))
+    resumed = gf.sweep(X, y, out=tmp_path, **kw)
+    total = len(list(tmp_path.glob("*.json")))
+    assert len(recomputed) == total - 3  # nothing computed twice
+    assert np.array_equal(resumed.observables["r"], reference.observables["r"])  # nothing lost
+    again = []
+    monkeypatch.setattr(sweep_module, "_run_chunk", lambda *a: again.append(1) or real(*a))
+    gf.sweep(X, y, out=tmp_path, **kw)
+    assert again == []
+    with pytest.raises(ValueError, match="holds chunks of a different sweep"):
+        gf.sweep(X, y, out=tmp_path, **{**kw, "steps": 11})
+
+
+def test_divergent_configurations_are_reported(data):
+    X, y = data
+    res = gf.sweep(X, y, widths=(8,), depths=(1,), seeds=(0,), lrs=(0.05, 40.0), steps=200,
+                   record_every=50, progress=False)
+    assert int(res.first_nonfinite[0, 0, 0, 0]) == -1
+    assert int(res.first_nonfinite[0, 0, 0, 1]) > 0
+
+
+def test_bad_sweeps(data):
+    X, y = data
+    kw = dict(widths=(3,), depths=(1,), seeds=(0,), lrs=(0.1,), steps=2, progress=False)
+    with pytest.raises(ValueError, match="lists 2 per-layer widths but the sweep has depth 1"):
+        gf.sweep(X, y, **{**kw, "widths": ((3, 4),)})
+    with pytest.raises(ValueError, match="`lrs` must be non-empty, positive"):
+        gf.sweep(X, y, **{**kw, "lrs": (0.1, -1.0)})
+    with pytest.raises(ValueError, match="unknown parametrization"):
+        gf.sweep(X, y, **kw, parametrization="mup")
+    with pytest.raises(ValueError, match="`depths` entries must be positive ints"):
+        gf.sweep(X, y, **{**kw, "depths": (0,)})
+    with pytest.raises(ValueError, match="`y` has shape"):
+        gf.sweep(X, y[:4], **kw)
+    with pytest.raises(TypeError, match="`X` has dtype int"):
+        gf.sweep(jnp.ones((10, 4), jnp.int32), y, **kw)
