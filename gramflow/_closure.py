@@ -5,14 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._checks import check_inputs
-from ._network import ReLUNet
-from ._simulate import simulate
 
 #: name -> what it keeps (DESIGN.md §3). `full_transport` keeps every term of the flow but
 #: steps it by Euler, so its error is what the discretization and sliding cost.
@@ -25,6 +21,7 @@ CLOSURES = {
 
 
 def _options(name: str, depth: int) -> dict:
+    """The `simulate` / `sweep` options of a closure at depth L."""
     return {
         "layer_local": dict(engine="collective", transport=0),
         "frozen_operators": dict(engine="collective", operators="frozen"),
@@ -72,52 +69,45 @@ def closure_study(
     parametrization: str = "ntk",
     closures: Sequence[str] = tuple(CLOSURES),
     progress: bool = True,
+    exact_loss: bool = True,
 ) -> ClosureStudy:
     """Run each closure against the exact dynamics (the weights engine in the same scan) for
-    every depth, width and seed (seeds through `jax.vmap`). Hidden layers all have the given
-    width; gradient descent on `½ Σ r²` with step `lr`.
+    every depth, width and seed, through `sweep` (widths and seeds in one `jax.vmap` per
+    depth and closure). Hidden layers all have the given width; gradient descent on
+    `½ Σ r²` with step `lr`.
 
     What the theory says (DESIGN.md I3–I5): with one hidden layer every field closure is
     exact and only the frozen kernel errs; from two hidden layers on, dropping transport errs;
-    the frozen variants improve with width. This measures it.
+    the frozen variants improve with width. This measures it. `exact_loss=False` skips the
+    extra run that records the exact loss (`loss` is then NaN).
     """
     unknown = [c for c in closures if c not in CLOSURES]
     if unknown:
         raise ValueError(f"unknown closure(s) {unknown}; choose from {list(CLOSURES)}.")
-    d = X.shape[-1]
-    probe = ReLUNet.init(jax.random.key(0), d, (1,), dtype=jnp.asarray(X).dtype)
-    X, y = check_inputs(probe, X, y)
-    grid = [(L, w) for L in depths for w in widths]
-    bar = _progress(len(grid) * len(closures), progress)
-    keys = jnp.stack([jax.random.key(s) for s in seeds])
-    errors = np.zeros((len(closures), len(depths), len(widths), len(seeds), 0)).tolist()
-    losses, step = {}, None
-    for i, L in enumerate(depths):
-        for j, w in enumerate(widths):
-            nets = jax.vmap(
-                lambda k: ReLUNet.init(k, d, (w,) * L, parametrization=parametrization,
-                                       dtype=X.dtype)
-            )(keys)
-            for c, name in enumerate(closures):
-                run = jax.vmap(
-                    lambda n: simulate(n, X, y, steps=steps, lr=lr, record_every=record_every,
-                                       reference="weights", observables=("loss",),
-                                       **_options(name, L))
-                )(nets)
-                errors[c][i][j] = np.asarray(run.observables["closure_error"])
-                step = run.step[0]
-                bar.update(1)
-            exact = jax.vmap(
-                lambda n: simulate(n, X, y, steps=steps, lr=lr, record_every=record_every,
-                                   observables=("loss",)).loss
-            )(nets)
-            losses[(i, j)] = np.asarray(exact)
+    from ._sweep import sweep
+
+    bar = _progress(len(depths) * (len(closures) + exact_loss), progress)
+    errors, losses, step = [], [], None
+    for L in depths:
+        grid = dict(widths=widths, depths=(L,), seeds=seeds, lrs=(lr,), steps=steps,
+                    record_every=record_every, parametrization=parametrization,
+                    observables=("loss",), progress=False)
+        per_closure = []
+        for name in closures:
+            res = sweep(X, y, reference="weights", **grid, **_options(name, L))
+            per_closure.append(np.asarray(res.observables["closure_error"])[0, :, :, 0])
+            bar.update(1)
+        errors.append(np.stack(per_closure))
+        step = res.step
+        if exact_loss:
+            losses.append(np.asarray(sweep(X, y, **grid).loss)[0, :, :, 0])
+            bar.update(1)
+        else:
+            losses.append(np.full(per_closure[0].shape, np.nan))
     bar.close()
-    loss = np.stack([np.stack([losses[(i, j)] for j in range(len(widths))])
-                     for i in range(len(depths))])
     return ClosureStudy(
-        error=jnp.asarray(np.array(errors)),
-        loss=jnp.asarray(loss),
+        error=jnp.asarray(np.stack(errors, axis=1)),
+        loss=jnp.asarray(np.stack(losses)),
         step=jnp.asarray(step),
         closures=tuple(closures),
         depths=tuple(depths),

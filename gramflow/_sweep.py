@@ -17,12 +17,12 @@ from jaxtyping import Array, Float, Int
 
 from ._checks import check_inputs
 from ._network import PARAMETRIZATIONS, ReLUNet
-from ._observables import OBSERVABLES, validate
+from ._observables import validate
 from ._simulate import _check_engines, simulate
 
 # Observables with one entry per hidden layer: padded with NaN up to the deepest network.
 _PER_LAYER = {"kernel_trace", "kernel_share", "active_fraction", "coactivation_drift",
-              "layer_kernel_eigs"}
+              "layer_kernel_eigs", "field_error"}
 
 
 class SweepResult(eqx.Module):
@@ -178,6 +178,9 @@ def sweep(
     max_bytes: int | None = None,
     record_every: int = 1,
     top_m: int = 5,
+    reference: str | None = None,
+    transport: int | None = None,
+    operators: str = "current",
     progress: bool = True,
 ) -> SweepResult:
     """Gradient descent (`simulate`) over the grid depths × widths × seeds × lrs.
@@ -198,7 +201,8 @@ def sweep(
       widths (whose length must equal the depth).
     - `depths`: numbers of hidden layers L. `seeds`: ints. `lrs`: step sizes η of
       `W ← W − η ∂L/∂W` on `L = ½ Σ r²`.
-    - `steps`, `record_every`, `engine`, `observables`, `top_m`: as in `simulate`.
+    - `steps`, `record_every`, `engine`, `observables`, `top_m`, `reference`, `transport`,
+      `operators`: as in `simulate`.
     - `out`: a directory; each finished chunk is written there atomically (npz + JSON with its
       grid coordinates, versions and a fingerprint of the sweep) and a rerun loads finished
       chunks instead of recomputing them.
@@ -224,7 +228,7 @@ def sweep(
         raise ValueError(f"`lrs` must be non-empty, positive and finite, got {lrs!r}.")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
-    _check_engines(engine, None, None, None)
+    _check_engines(engine, reference, None, transport, operators)
     names = validate(observables, engine=engine, top_m=top_m)
     P, d = X.shape
     k = 1 if out_dim is None else out_dim
@@ -256,6 +260,7 @@ def sweep(
     config = dict(widths=[list(a) for row in arch for a in row], depths=depths, seeds=seeds,
                   lrs=lr_values.tolist(), steps=steps, engine=engine, record_every=record_every,
                   parametrization=parametrization, out_dim=out_dim, names=names, top_m=top_m,
+                  reference=reference, transport=transport, operators=operators,
                   chunks=[p[1] for p in plans], dtype=str(X.dtype))
     fingerprint = _fingerprint(X, y, config)
     if out is not None:
@@ -276,7 +281,8 @@ def sweep(
 
         def single(net, lr):
             traj = simulate(net, X, y, steps=steps, lr=lr, engine=engine, observables=names,
-                            record_every=record_every, top_m=top_m)
+                            record_every=record_every, top_m=top_m, reference=reference,
+                            transport=transport, operators=operators)
             return {"loss": traj.loss, **({"r": traj.r} if traj.r is not None else {}),
                     **traj.observables, "first_nonfinite": traj.first_nonfinite,
                     "step": traj.step}
@@ -341,5 +347,3 @@ def sweep(
         arch=tuple(tuple(row) for row in arch),
     )
 
-
-assert set(_PER_LAYER) <= set(OBSERVABLES)

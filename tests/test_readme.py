@@ -30,6 +30,17 @@ def test_simulate_example_runs():
     assert float(namespace["fields"].loss[-1]) < float(namespace["fields"].loss[0])
 
 
+def test_sweep_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _block_after("<!-- example: sweep -->", "python")
+    namespace = {}
+    exec(compile(code, "README.md:sweep", "exec"), namespace)
+    assert namespace["res"].loss.shape == (2, 3, 3, 2, 11)
+    drift = namespace["drift"]
+    assert bool((drift[:, 0] > drift[:, -1]).all())
+    assert (tmp_path / "sweep-chunks").is_dir()
+
+
 def test_ci_runs_the_readme_test_command():
     command = _block_after("<!-- test-command -->", "bash").strip()
     ci = subprocess.run(

@@ -1,0 +1,82 @@
+"""The command line: the demo at a tiny size, simulate and sweep from flags and TOML."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gramflow._cli import main
+
+
+@pytest.mark.slow
+def test_demo_tiny_writes_figures_and_results(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    assert main(["demo", "--size", "tiny", "--out", str(tmp_path), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert str(tmp_path) in text and "summary" in text
+    pngs = sorted(tmp_path.glob("*.png"))
+    names = {p.name for p in pngs}
+    for data in ("teacher", "digits"):
+        for fig in ("loss_curves", "kernel_shares", "spectrum", "kernel_drift_vs_width",
+                    "closure_error_vs_depth"):
+            assert f"{data}_{fig}.png" in names
+    assert all(p.stat().st_size > 5000 for p in pngs)
+    meta = json.loads((tmp_path / "results.json").read_text())
+    rows = meta["summary"]
+    assert {r["dataset"] for r in rows} == {"teacher", "digits"}
+    for r in rows:
+        assert r["collective_vs_weights"] < 1e-10  # the exact engine is exact
+        if r["depth"] == 1:
+            assert r["layer_local"] < 1e-10 and r["frozen_kernel"] > 1e-6
+        else:
+            assert r["layer_local"] > 1e-6
+    with np.load(tmp_path / "results.npz") as data:
+        assert data["teacher_loss"].ndim == 5 and data["digits_closure_error"].ndim == 5
+
+
+def test_demo_without_scikit_learn_runs_the_synthetic_task(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert main(["demo", "--size", "tiny", "--data", "digits", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "need scikit-learn" in text and "pip install" in text
+    meta = json.loads((tmp_path / "results.json").read_text())
+    assert set(meta["datasets"]) == {"teacher"}
+
+
+def test_simulate_from_flags_and_toml(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--depth", "2", "--width", "8", "--samples", "12", "--steps", "20",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["closure_error_max"] < 1e-10 and summary["loss_end"] < summary["loss_start"]
+    config = tmp_path / "run.toml"
+    config.write_text('depth = 1\nwidth = 6\nsamples = 10\nsteps = 10\nengine = "weights"\n'
+                      f'reference = "none"\nout = "{tmp_path / "toml"}"\n')
+    assert main(["simulate", "--config", str(config), "--steps", "12"]) == 0  # flag wins
+    summary = json.loads((tmp_path / "toml" / "results.json").read_text())
+    assert summary["config"]["steps"] == 12 and summary["config"]["width"] == 6
+    bad = tmp_path / "bad.toml"
+    bad.write_text("depht = 2\n")
+    assert main(["simulate", "--config", str(bad)]) == 2
+    assert "unknown key(s) ['depht']" in capsys.readouterr().err
+
+
+def test_sweep_from_flags(tmp_path):
+    out = tmp_path / "sw"
+    assert main(["sweep", "--depths", "1", "2", "--widths", "4", "8", "--seeds", "0", "--lrs",
+                 "0.05", "--steps", "10", "--samples", "10", "--out", str(out)]) == 0
+    with np.load(out / "results.npz") as data:
+        assert data["loss"].shape[:4] == (2, 2, 1, 1)
+    assert list((out / "chunks").glob("*.json"))
+
+
+def test_python_dash_m_help():
+    proc = subprocess.run([sys.executable, "-m", "gramflow", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for word in ("demo", "verify", "simulate", "sweep"):
+        assert word in proc.stdout
