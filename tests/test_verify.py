@@ -74,16 +74,21 @@ def test_report_ok_rtol_and_table(getkey):
         assert name in text
 
 
-def test_cli_verify_prints_table_and_exits_zero():
-    for extra in ([], ["--dtype", "float32", "--out-dim", "2", "--widths", "5", "3"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "gramflow", "verify", "--samples", "12", *extra],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "gramflow verification" in proc.stdout and ": ok at rtol" in proc.stdout
+def test_cli_verify_prints_table_and_exits_zero(capsys):
+    from gramflow._cli import main
+
+    assert main(["verify", "--samples", "12", "--out-dim", "2", "--widths", "5", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "gramflow verification (float64" in out and ": ok at rtol 1e-10" in out
+    # A fresh process without x64: the float32 path as a user without x64 would run it.
+    proc = subprocess.run(
+        [sys.executable, "-m", "gramflow", "verify", "--samples", "12", "--dtype", "float32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(float32" in proc.stdout and ": ok at rtol 0.0001" in proc.stdout
 
 
 def test_cli_bad_configuration_exits_two():
