@@ -15,6 +15,11 @@ from ._kernels import (
     collective_kernel as collective_kernel,
     layer_kernels as layer_kernels,
 )
+from ._matvec import (
+    KernelEigs as KernelEigs,
+    kernel_eigs as kernel_eigs,
+    kernel_matvec as kernel_matvec,
+)
 from ._network import ReLUNet as ReLUNet
 from ._state import (
     CollectiveState as CollectiveState,

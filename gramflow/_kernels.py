@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -11,9 +12,9 @@ from ._network import ReLUNet
 from ._state import fields
 
 
-def gram(Z: Float[Array, "P N"]) -> Float[Array, "P P"]:
-    """Forward Gram `G = Z Zᵀ`, `(P, P)`."""
-    return Z @ Z.T
+def gram(Z: Float[Array, "P N"], other: Float[Array, "Q N"] | None = None):
+    """Forward Gram `G = Z Zᵀ`, `(P, P)` (or the cross Gram `Z Z'ᵀ`, `(P, Q)`)."""
+    return Z @ (Z if other is None else other).T
 
 
 def gram_apply(A: Float[Array, "P *k n"], B: Float[Array, "P n"], C: Float[Array, "P m"]):
@@ -28,12 +29,13 @@ def gram_apply(A: Float[Array, "P *k n"], B: Float[Array, "P n"], C: Float[Array
     return A @ (B.T @ C)
 
 
-def coactivation(Delta: Float[Array, "P *k N"]) -> Float[Array, "P P *kk"]:
+def coactivation(Delta: Float[Array, "P *k N"], other: Float[Array, "Q *k N"] | None = None):
     """Co-activation matrix `Q[μ,ν] = Δ_μ · Δ_ν`: `(P, P)`, or `(P, P, k, k)` with
-    `Q[μ,ν,i,j] = Δ[μ,i] · Δ[ν,j]` for vector outputs."""
+    `Q[μ,ν,i,j] = Δ[μ,i] · Δ[ν,j]` for vector outputs (cross version with `other`)."""
+    other = Delta if other is None else other
     if Delta.ndim == 2:
-        return Delta @ Delta.T
-    return jnp.einsum("mia,nja->mnij", Delta, Delta)
+        return Delta @ other.T
+    return jnp.einsum("mia,nja->mnij", Delta, other)
 
 
 def hadamard(s: Float[Array, ""], G: Float[Array, "P P"], Q: Float[Array, "P P *kk"]):
@@ -77,18 +79,90 @@ def layer_kernels(net: ReLUNet, X: Float[Array, "P d"]) -> LayerKernels:
     return LayerKernels(G=G, Q=Q, K=K, total=sum(K[1:], K[0]))
 
 
-def collective_kernel(net: ReLUNet, X: Float[Array, "P d"]) -> Float[Array, "P P *kk"]:
+def collective_kernel(
+    net: ReLUNet, X: Float[Array, "P d"], *, block_size: int | None = None
+) -> Float[Array, "P P *kk"]:
     """The collective kernel `K = Σ_l s_l² G_{l-1} ⊙ Q_l` (I2), equal to `J Jᵀ` with
     `J = ∂f/∂(W_1..W_L)`.
 
-    **Arguments:** `net`; `X` of shape `(P, d)`.
+    **Arguments:** `net`; `X` of shape `(P, d)`; `block_size`: fill K in tiles of
+    `block_size` samples, recomputing the fields of two blocks per tile, for when the
+    `(P, P)` kernel fits in memory but the fields `(P, Σ N_l)` of all samples do not
+    (default `None`: one pass over all samples). For products `K v` or the top spectrum
+    without forming K at all, see `kernel_matvec` and `kernel_eigs`.
 
     **Returns:** `K` of shape `(P, P)` (scalar output) or `(P, P, k, k)` (vector outputs).
     """
     X, _ = check_inputs(net, X)
-    _, Z, _, _, Delta, _ = fields(net, X)
+    if block_size is None:
+        _, Z, _, _, Delta, _ = fields(net, X)
+        if X.shape[0] >= 2 * _TRIANGLE_BLOCK:
+            return _symmetric_kernel(net.scales, Z, Delta, _TRIANGLE_BLOCK)
+        return _kernel_tile(net.scales, Z, Delta, Z, Delta)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+    P = X.shape[0]
+    nb = -(-P // block_size)
+    Xb = jnp.pad(X, ((0, nb * block_size - P), (0, 0))).reshape(nb, block_size, -1)
+
+    def block_fields(x):
+        _, Z, _, _, Delta, _ = fields(net, x)
+        return Z, Delta
+
+    def row(xi):
+        Zi, Di = block_fields(xi)
+
+        def tile(xj):
+            Zj, Dj = block_fields(xj)
+            return _kernel_tile(net.scales, Zi, Di, Zj, Dj)
+
+        return jax.lax.map(tile, Xb)
+
+    tiles = jax.lax.map(row, Xb)  # (nb, nb, b, b, *kk)
+    K = jnp.moveaxis(tiles, 2, 1).reshape(nb * block_size, nb * block_size, *tiles.shape[4:])
+    return K[:P, :P]
+
+
+_TRIANGLE_BLOCK = 512
+
+
+def _transpose_samples(K):
+    """`K[ν, μ, j, i]` from `K[μ, ν, i, j]`: the transpose of the flattened kernel."""
+    return K.T if K.ndim == 2 else K.transpose(1, 0, 3, 2)
+
+
+def _symmetric_kernel(scales, Z, Delta, block):
+    """K from its block-upper triangle: block row i holds the tiles (i, j ≥ i), so the Gram
+    products cost about half of the full ones; the rest is the transpose (K is symmetric)."""
+    P = Z[0].shape[0]
+    nb = -(-P // block)
+    pad = nb * block - P
+    Z = tuple(jnp.pad(z, ((0, pad), (0, 0))) for z in Z)
+    Delta = tuple(jnp.pad(d, ((0, pad),) + ((0, 0),) * (d.ndim - 1)) for d in Delta)
+    n = nb * block
+    diag, upper = [], []
+    for i in range(nb):
+        lo, hi = i * block, (i + 1) * block
+        row = _kernel_tile(scales, tuple(z[lo:hi] for z in Z), tuple(d[lo:hi] for d in Delta),
+                           tuple(z[lo:] for z in Z), tuple(d[lo:] for d in Delta))
+        diag.append(row[:, :block])
+        upper.append(row[:, block:])
+    out_shape = (n, n) + diag[0].shape[2:]
+    S = jnp.zeros(out_shape, diag[0].dtype)
+    for i in range(nb - 1):
+        S = S.at[i * block:(i + 1) * block, (i + 1) * block:].set(upper[i])
+    D = jnp.zeros(out_shape, diag[0].dtype)
+    for i in range(nb):
+        D = D.at[i * block:(i + 1) * block, i * block:(i + 1) * block].set(diag[i])
+    K = D + S + _transpose_samples(S)
+    return K[:P, :P]
+
+
+def _kernel_tile(scales, Zi, Di, Zj, Dj):
+    """`Σ_l s_l² (Z_{l-1,i} Z_{l-1,j}ᵀ) ⊙ (Δ_{l,i} Δ_{l,j}ᵀ)` between two sets of samples."""
     terms = (
-        hadamard(s, gram(z), coactivation(d)) for s, z, d in zip(net.scales[:-1], Z, Delta)
+        hadamard(s, gram(zi, zj), coactivation(di, dj))
+        for s, zi, di, zj, dj in zip(scales[:-1], Zi, Di, Zj, Dj)
     )
     return sum(terms)
 
