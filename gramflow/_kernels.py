@@ -96,7 +96,7 @@ def collective_kernel(
     X, _ = check_inputs(net, X)
     if block_size is None:
         _, Z, _, _, Delta, _ = fields(net, X)
-        if X.shape[0] >= 2 * _TRIANGLE_BLOCK:
+        if _use_triangle(X.shape[0], net):
             return _symmetric_kernel(net.scales, Z, Delta, _TRIANGLE_BLOCK)
         return _kernel_tile(net.scales, Z, Delta, Z, Delta)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
@@ -124,6 +124,15 @@ def collective_kernel(
 
 
 _TRIANGLE_BLOCK = 512
+
+
+def _use_triangle(P: int, net) -> bool:
+    """Block-triangular Gram products pay off when P spans several blocks and the layers are
+    wide enough for the halved matmuls to outweigh assembling K (measured on CPU: a gain at
+    widths 3 × 1024, a loss at 3 × 256, for P = 2048; see benchmarks/README.md)."""
+    sizes = (net.in_dim, *net.widths)
+    mean_gram_width = sum(a + b for a, b in zip(sizes[:-1], sizes[1:])) / net.depth
+    return P >= 2 * _TRIANGLE_BLOCK and mean_gram_width >= 1000
 
 
 def _transpose_samples(K):

@@ -35,15 +35,16 @@ def test_kernel_matvec_equals_dense(getkey, depth, out_dim):
 
 @pytest.mark.parametrize("out_dim", [None, 2])
 def test_kernel_eigs_equals_dense(getkey, out_dim):
-    net, X, _ = problem(getkey(), 2, out_dim=out_dim, P=60)
+    net, X, _ = problem(getkey(), 2, out_dim=out_dim, P=300)
     K = _flat(gf.collective_kernel(net, X))
     values, vectors = np.linalg.eigh(np.asarray(K))
-    top = gf.kernel_eigs(net, X, k=4, tol=1e-12, iters=200)
-    assert rel_err(top.values, values[::-1][:4]) <= 1e-8
+    top = gf.kernel_eigs(net, X, k=4, iters=12)
+    assert int(top.iterations) == 12  # the Krylov path, not the dense fallback
+    assert rel_err(top.values, values[::-1][:4]) <= 1e-10
     U = np.asarray(top.vectors).reshape(K.shape[0], 4)
     overlaps = np.abs(np.sum(U * vectors[:, ::-1][:, :4], axis=0))
-    assert np.all(overlaps > 1 - 1e-6), overlaps
-    assert int(top.iterations) > 0
+    assert np.all(overlaps > 1 - 1e-8), overlaps
+    assert float(top.residuals.max()) < 1e-6
 
 
 def test_kernel_eigs_dense_fallback_and_errors(getkey):
@@ -55,6 +56,8 @@ def test_kernel_eigs_dense_fallback_and_errors(getkey):
         gf.kernel_eigs(net, X, k=9)
     with pytest.raises(ValueError, match="`k` must be a positive int"):
         gf.kernel_eigs(net, X, k=0)
+    with pytest.raises(ValueError, match="`iters` must be a positive int"):
+        gf.kernel_eigs(net, X, k=2, iters=0)
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 8, 64])
@@ -67,3 +70,14 @@ def test_tiled_kernel_equals_dense(getkey, block_size, out_dim):
     assert_rel_close(tiled, dense, jnp.float64, what="tiled K")
     with pytest.raises(ValueError, match="`block_size` must be a positive int"):
         gf.collective_kernel(net, X, block_size=0)
+
+
+@pytest.mark.parametrize("out_dim", [None, 2])
+def test_block_triangular_kernel_equals_jacobian(getkey, monkeypatch, out_dim):
+    """Large P computes one block triangle of each Gram product; small blocks force it here."""
+    import gramflow._kernels as kernels_module
+
+    monkeypatch.setattr(kernels_module, "_TRIANGLE_BLOCK", 4)
+    monkeypatch.setattr(kernels_module, "_use_triangle", lambda P, net: True)
+    net, X, _ = problem(getkey(), 3, out_dim=out_dim, P=13)
+    assert_rel_close(gf.collective_kernel(net, X), sum(jacobian_kernels(net, X)), jnp.float64)
