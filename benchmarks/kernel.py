@@ -43,7 +43,7 @@ import numpy as np
 
 import gramflow as gf
 from gramflow._kernels import _kernel_tile
-from gramflow._state import fields, forward
+from gramflow._state import fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NT_PYTHON = os.path.join(HERE, ".nt-venv", "bin", "python")

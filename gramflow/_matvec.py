@@ -12,21 +12,14 @@ from ._checks import check_inputs
 from ._kernels import collective_kernel
 from ._network import ReLUNet
 from ._observables import flat_kernel
-from ._state import fields, residual_weighted
-from ._velocities import local_forward, residual_rate
-
-
-def _matvec(scales, Z, Delta, v):
-    """`K v = −Σ_l Δ_l · V_l(v)` with `V_l(v) = −s_l² Z_{l-1} (Z_{l-1}ᵀ E_l(v))` (I2, I6): the
-    residual rate of (I2) with `v` in place of `r`."""
-    E = tuple(residual_weighted(v, d) for d in Delta)
-    return -residual_rate(Delta, local_forward(scales, Z, E))
+from ._state import fields
 
 
 def _matmat(scales, Z, Delta, V):
-    """`K V` for a block of vectors `V` `(P, *k, m)`, as two large products per layer:
-    `Z_{l-1}ᵀ E_l(V)` and `Z_{l-1} (·)` with all m columns side by side (I6)."""
-    P, m = V.shape[0], V.shape[-1]
+    """`K V = Σ_l s_l² Δ_l · (G_{l-1} E_l(V))` for a block of vectors `V` `(P, *k, m)` — the
+    residual rate of (I2) with V in place of r — as two large products per layer,
+    `Z_{l-1}ᵀ E_l(V)` and `Z_{l-1} (·)`, all m columns side by side, never forming G (I6)."""
+    P = V.shape[0]
     out = 0
     for s, z, d in zip(scales[:-1], Z, Delta):
         if d.ndim == 2:
@@ -61,7 +54,7 @@ def kernel_matvec(
         raise ValueError(f"`v` must have shape {single} or {single + ('m',)}, got {v.shape}.")
     _, Z, _, _, Delta, _ = fields(net, X)
     if v.ndim == len(single):
-        return _matvec(net.scales, Z, Delta, v)
+        return _matmat(net.scales, Z, Delta, v[..., None])[..., 0]
     return _matmat(net.scales, Z, Delta, v)
 
 
