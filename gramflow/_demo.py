@@ -108,12 +108,19 @@ def format_table(rows) -> str:
     heads = ["data", "L", "width", "loss(0)", "loss(T)", "K drift", "exact err", "local",
              "frozen ops", "frozen K", "full tr."]
     out = ["  ".join(f"{h:>10}" for h in heads)]
+    note = any(not np.isfinite(r[c]) for r in rows for c in CLOSURES)
     for r in rows:
         cells = []
         for c in cols:
             v = r[c]
-            cells.append(f"{v:>10}" if isinstance(v, (str, int)) else f"{v:>10.2e}")
+            if isinstance(v, (str, int)):
+                cells.append(f"{v:>10}")
+            else:  # a closure model can blow up: say so rather than print nan
+                cells.append(f"{v:>10.2e}" if np.isfinite(v) else f"{'diverged':>10}")
         out.append("  ".join(cells))
+    if note:
+        out.append("('diverged': that closure's residual stopped being finite — the model, not "
+                   "the network, blew up)")
     return "\n".join(out)
 
 
@@ -134,7 +141,9 @@ def save_results(out, results, rows, cfg) -> str:
         datasets={r["name"]: dict(samples=int(r["X"].shape[0]), in_dim=int(r["X"].shape[1]),
                                    lr=r["lr"], seconds=r["seconds"]) for r in results},
         closures=CLOSURES, depth_count="L = hidden (trained) layers; weight layers = L + 1",
-        loss="½ Σ r² (sum-reduced); lr is η of W ← W − η ∂L/∂W", summary=rows,
+        loss="½ Σ r² (sum-reduced); lr is η of W ← W − η ∂L/∂W",
+        summary=[{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                  for k, v in r.items()} for r in rows],
         arrays="results.npz: <dataset>_<observable> of shape (depth, width, seed, lr, T, ...); "
                "<dataset>_closure_error of shape (closure, depth, width, seed, T)",
     )
