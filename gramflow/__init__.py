@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from . import diagnostics as diagnostics
 from ._closure import (
     CLOSURES as CLOSURES,
     ClosureStudy as ClosureStudy,
