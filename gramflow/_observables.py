@@ -18,6 +18,7 @@ OBSERVABLES = {
     "kernel_eigs": ("(m,)", "top-m eigenvalues of K, descending"),
     "layer_kernel_eigs": ("(L, m)", "top-m eigenvalues of each K_l"),
     "kernel_drift": ("()", "‖K(t) − K(0)‖_F / ‖K(0)‖_F"),
+    "condition_number": ("()", "λ_max(K) / λ_min(K)"),
     "alignment": ("()", "kernel–target alignment ⟨y, K y⟩ / (‖K‖_F ‖y‖²)"),
     "coactivation_drift": ("(L,)", "‖Q_l(t) − Q_l(0)‖_F / ‖Q_l(0)‖_F"),
     "kernel": ("(P, P) or (P, P, k, k)", "the full kernel K (per-record matrices: memory!)"),
@@ -30,7 +31,8 @@ OBSERVABLES = {
 DEFAULT_OBSERVABLES = ("loss", "r", "kernel_trace", "kernel_share", "active_fraction")
 # Observables that need the (P, P) kernels rather than O(P N) field reductions.
 _NEEDS_LAYER_KERNELS = {"layer_kernel_eigs", "coactivation_drift"}
-_NEEDS_KERNEL = {"kernel_eigs", "kernel_drift", "alignment", "kernel"} | _NEEDS_LAYER_KERNELS
+_NEEDS_KERNEL = {"kernel_eigs", "kernel_drift", "alignment", "kernel", "condition_number"}
+_NEEDS_KERNEL |= _NEEDS_LAYER_KERNELS
 FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
 
 
@@ -135,6 +137,9 @@ def observe(view: View, scales, ref: Reference, names, top_m: int) -> dict[str, 
             out["layer_kernel_eigs"] = jnp.stack([_top(k, top_m) for k in Ks])
         if "kernel_drift" in names:
             out["kernel_drift"] = _rel_drift(K, ref.K)
+        if "condition_number" in names:
+            ev = jnp.linalg.eigvalsh(flat_kernel(K))
+            out["condition_number"] = ev[-1] / ev[0]
         if "alignment" in names:
             y = ref.y.reshape(-1)
             Kf = flat_kernel(K)

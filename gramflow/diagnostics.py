@@ -1,16 +1,20 @@
 """Diagnostics: pure functions of a network, state or trajectory.
 
-Started with the balance laws of homogeneous networks; the rest of the structured-
-representations diagnostics (spectral sensitivity, fixed points, robustness) is to come.
+So far: the balance laws of homogeneous networks and the spectral sensitivity of the kernels;
+fixed points and robustness (issue 8) are to come.
 """
 
 from __future__ import annotations
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._checks import check_net
+from ._checks import check_inputs, check_net
+from ._kernels import layer_kernels
 from ._network import ReLUNet
+from ._observables import flat_kernel
 
 
 def balance(net: ReLUNet) -> tuple[Float[Array, " N_l"], ...]:
@@ -31,3 +35,36 @@ def balance(net: ReLUNet) -> tuple[Float[Array, " N_l"], ...]:
         jnp.sum(w_in**2, axis=1) - jnp.sum(w_out**2, axis=0)
         for w_in, w_out in zip(net.weights[:-1], net.weights[1:])
     )
+
+
+class Sensitivity(eqx.Module):
+    """Top eigenvalues of the collective kernel and of each layer kernel, with their
+    derivatives. Row 0 is `K`, row l is `K_l` (l = 1..L).
+
+    **Fields:** `values` `(L+1, m)` descending; `weights`: tuple over layers of
+    `(L+1, m, N_l, N_{l-1})`, `∂λ/∂W_l`; `inputs` `(L+1, m, P, d)`, `∂λ/∂X`.
+    """
+
+    values: Float[Array, "Lp1 m"]
+    weights: tuple[Float[Array, "Lp1 m n_out n_in"], ...]
+    inputs: Float[Array, "Lp1 m P d"]
+
+
+def eigenvalue_sensitivity(net: ReLUNet, X: Float[Array, "P d"], *, m: int = 1) -> Sensitivity:
+    """Spectral sensitivity: derivatives of the top-`m` eigenvalues of `K` and of every
+    `K_l = s_l² G_{l-1} ⊙ Q_l` (I2) with respect to the weights and the inputs, by reverse-mode
+    autodiff through `layer_kernels` and `eigh` (valid where those eigenvalues are simple).
+
+    **Returns:** a `Sensitivity`.
+    """
+    X, _ = check_inputs(net, X)
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        raise ValueError(f"`m` must be a positive int, got {m!r}.")
+
+    def top(weights, X):
+        lk = layer_kernels(eqx.tree_at(lambda n: n.weights, net, weights), X)
+        kernels = (lk.total, *lk.K)
+        return jnp.stack([jnp.linalg.eigvalsh(flat_kernel(K))[::-1][:m] for K in kernels])
+
+    d_weights, d_inputs = jax.jacrev(top, argnums=(0, 1))(net.weights, X)
+    return Sensitivity(values=top(net.weights, X), weights=tuple(d_weights), inputs=d_inputs)

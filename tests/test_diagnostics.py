@@ -28,3 +28,36 @@ def test_balance_is_conserved_along_gradient_flow():
     assert drift > 1e-10
     assert gf.diagnostics.balance(gf.ReLUNet.init(kn, 3, (5,))) == ()
     assert np.isfinite(drift)
+
+
+def test_eigenvalue_sensitivity_matches_finite_differences():
+    kd, kn, kv = jax.random.split(jax.random.key(3), 3)
+    X, _ = gf.teacher_student(kd, samples=9, in_dim=3, out_dim=None)
+    for out_dim in (None, 2):
+        net = gf.ReLUNet.init(kn, 3, (8, 6), out_dim=out_dim)
+        sens = gf.diagnostics.eigenvalue_sensitivity(net, X, m=2)
+        assert sens.values.shape == (3, 2) and sens.inputs.shape == (3, 2, 9, 3)
+        dW = tuple(jax.random.normal(jax.random.fold_in(kv, i), w.shape)
+                   for i, w in enumerate(net.weights))
+        dX = jax.random.normal(kv, X.shape)
+        eps = 1e-6
+
+        def values(scale):
+            moved = gf.ReLUNet(tuple(w + scale * d for w, d in zip(net.weights, dW)),
+                               net.readout, net.scales)
+            return gf.diagnostics.eigenvalue_sensitivity(moved, X + scale * dX, m=2).values
+
+        fd = (values(eps) - values(-eps)) / (2 * eps)
+        ad = sum(jnp.einsum("abij,ij->ab", g, d) for g, d in zip(sens.weights, dW))
+        ad = ad + jnp.einsum("abpd,pd->ab", sens.inputs, dX)
+        assert float(jnp.abs(ad - fd).max()) <= 1e-6 * (1 + float(jnp.abs(fd).max()))
+
+
+def test_condition_number_observable():
+    kd, kn = jax.random.split(jax.random.key(4))
+    X, y = gf.teacher_student(kd, samples=8, in_dim=3)
+    net = gf.ReLUNet.init(kn, 3, (16, 16))
+    traj = gf.simulate(net, X, y, steps=10, lr=0.05, record_every=10,
+                       observables=("condition_number",))
+    ev = jnp.linalg.eigvalsh(gf.collective_kernel(net, X))
+    assert abs(float(traj.observables["condition_number"][0]) - float(ev[-1] / ev[0])) <= 1e-8 * float(ev[-1] / ev[0])
