@@ -130,6 +130,7 @@ SIMULATE_DEFAULTS = dict(data="teacher", samples=64, depth=2, width=128, paramet
 
 def _simulate(args) -> int:
     _x64("float64")
+    import jax
     import numpy as np
 
     import gramflow as gf
@@ -139,7 +140,7 @@ def _simulate(args) -> int:
     c = _merge(args, SIMULATE_DEFAULTS)
     X, y = demo.dataset(c["data"], c["samples"], seed=c["seed"])
     widths = (c["width"],) * c["depth"]
-    net = gf.ReLUNet.init(gf_key(c["seed"] + 1), X.shape[1], widths,
+    net = gf.ReLUNet.init(jax.random.key(c["seed"] + 1), X.shape[1], widths,
                           parametrization=c["parametrization"])
     lr = c["lr"] if c["lr"] is not None else demo.stable_lr(X, (c["depth"],), (c["width"],))
     reference = None if c["reference"] in (None, "none", c["engine"]) else c["reference"]
@@ -209,12 +210,6 @@ def _sweep(args) -> int:
         sweep_figure(out, res)
     print(f"wrote results to {out}")
     return 0
-
-
-def gf_key(seed):
-    import jax
-
-    return jax.random.key(seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._checks import check_inputs
+from ._engines import _with_weights
 from ._network import ReLUNet
 from ._simulate import _check_lr
 from ._state import collective_state, pullback_gradients
@@ -57,9 +58,7 @@ def step_remainder(
     lr = _check_lr(lr, net.dtype)
     before = collective_state(net, X, y)
     grads = pullback_gradients(net, X, y)
-    stepped = eqx.tree_at(
-        lambda n: n.weights, net, tuple(w - lr * g for w, g in zip(net.weights, grads))
-    )
+    stepped = _with_weights(net, (w - lr * g for w, g in zip(net.weights, grads)))
     after = collective_state(stepped, X, y)
     actual = Velocities(
         r=after.r - before.r,

@@ -72,8 +72,7 @@ def _rel_drift(A, A0):
 
 
 def _top(K, m):
-    ev = jnp.linalg.eigvalsh(flat_kernel(K))
-    return ev[::-1][:m]
+    return jnp.linalg.eigvalsh(flat_kernel(K))[::-1][:m]
 
 
 class Reference(eqx.Module):
@@ -131,15 +130,16 @@ def observe(view: View, scales, ref: Reference, names, top_m: int) -> dict[str, 
         Ks, K = _kernels_of(view, scales)
         if "kernel" in names:
             out["kernel"] = K
-        if "kernel_eigs" in names:
-            out["kernel_eigs"] = _top(K, top_m)
+        if {"kernel_eigs", "condition_number"} & set(names):
+            ev = jnp.linalg.eigvalsh(flat_kernel(K))  # once for both
+            if "kernel_eigs" in names:
+                out["kernel_eigs"] = ev[::-1][:top_m]
+            if "condition_number" in names:
+                out["condition_number"] = ev[-1] / ev[0]
         if "layer_kernel_eigs" in names:
             out["layer_kernel_eigs"] = jnp.stack([_top(k, top_m) for k in Ks])
         if "kernel_drift" in names:
             out["kernel_drift"] = _rel_drift(K, ref.K)
-        if "condition_number" in names:
-            ev = jnp.linalg.eigvalsh(flat_kernel(K))
-            out["condition_number"] = ev[-1] / ev[0]
         if "alignment" in names:
             y = ref.y.reshape(-1)
             Kf = flat_kernel(K)

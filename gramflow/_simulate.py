@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from ._checks import check_inputs
 from ._engines import ENGINES, PairedEngine, build_engine
-from ._network import ReLUNet
+from ._network import ReLUNet, _positive_int
 from ._observables import (
     closure_errors,
     observe,
@@ -52,12 +52,6 @@ class Trajectory(eqx.Module):
     step: Int[Array, " T"] | None = None
     t: Float[Array, " T"] | None = None
     engine: str = eqx.field(static=True, default="weights")
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return int(value)
 
 
 def _check_lr(lr, dtype):
@@ -106,9 +100,10 @@ def _record(engine, state, names, scales, ref, top_m):
     return out
 
 
-def _first_nonfinite(losses, offset):
+def _first_nonfinite(losses):
+    """Index of the first non-finite loss, or −1."""
     bad = ~jnp.isfinite(losses)
-    return jnp.where(jnp.any(bad), jnp.argmax(bad) + offset, -1)
+    return jnp.where(jnp.any(bad), jnp.argmax(bad), -1)
 
 
 def _check_operator_size(net, P, names):
@@ -168,7 +163,7 @@ def _simulate(net, X, y, lr, optimizer, steps, record_every, engine, reference_e
     recs = jax.tree.map(lambda *xs: jnp.concatenate(xs), *pieces)
     # Loss before each update (steps 0..steps-1), then the loss of the final state.
     all_losses = jnp.concatenate([*step_losses, recs["loss"][-1:]])
-    return recs, eng.final(state), _first_nonfinite(all_losses, 0), np.concatenate(marks)
+    return recs, eng.final(state), _first_nonfinite(all_losses), np.concatenate(marks)
 
 
 def simulate(
@@ -372,6 +367,6 @@ def flow(
             "are forced — the weights engine then follows the sliding flow to O(dtmin), but "
             "the collective hierarchy (I4)/(I5) of depth ≥ 2 does not (see the flow docstring)."
         ) from err
-    traj = _trajectory(recs, final, _first_nonfinite(recs["loss"], 0), engine, t=ts)
+    traj = _trajectory(recs, final, _first_nonfinite(recs["loss"]), engine, t=ts)
     _warn_if_diverged(traj, lr, "saved-time index")
     return traj

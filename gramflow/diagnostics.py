@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._checks import check_inputs, check_net
+from ._engines import _with_weights
 from ._kernels import layer_kernels
 from ._network import ReLUNet
 from ._observables import flat_kernel
@@ -62,7 +63,7 @@ def eigenvalue_sensitivity(net: ReLUNet, X: Float[Array, "P d"], *, m: int = 1) 
         raise ValueError(f"`m` must be a positive int, got {m!r}.")
 
     def top(weights, X):
-        lk = layer_kernels(eqx.tree_at(lambda n: n.weights, net, weights), X)
+        lk = layer_kernels(_with_weights(net, weights), X)
         kernels = (lk.total, *lk.K)
         return jnp.stack([jnp.linalg.eigvalsh(flat_kernel(K))[::-1][:m] for K in kernels])
 
