@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 from ._checks import check_inputs
 from ._network import ReLUNet
 from ._state import fields
+from ._structure import local_kernels
 
 
 def gram(Z: Float[Array, "P N"], other: Float[Array, "Q N"] | None = None):
@@ -50,8 +51,11 @@ class LayerKernels(eqx.Module):
 
     - `G`: forward Grams `G_0 = X Xᵀ, G_1, ..., G_{L-1}`, each `(P, P)`.
     - `Q`: co-activation matrices `Q_1..Q_L`, `Q_l = Δ_l Δ_lᵀ`: `(P, P)` or `(P, P, k, k)`.
-    - `K`: per-layer kernels `K_l = s_l² G_{l-1} ⊙ Q_l`, shaped like `Q_l`.
-    - `total`: `K = Σ_l K_l`, the empirical NTK over the hidden weights.
+    - `K`: per-layer kernels `K_l = s_l² G_{l-1} ⊙ Q_l`, shaped like `Q_l`. For a structured
+      layer, `K_l = J_{θ_l} J_{θ_l}ᵀ` over all its trained parameters θ_l: the masked
+      weight term `(g_l s_l)² Σ_b (G_{l-1})_{C_b} ⊙ (Q_l)_{R_b}` over the bicliques of the
+      mask, plus rank-one terms for a trained gain and a trained skip (see `ReLUNet`).
+    - `total`: `K = Σ_l K_l`, the empirical NTK over the trained parameters.
     """
 
     G: tuple[Float[Array, "P P"], ...]
@@ -75,7 +79,10 @@ def layer_kernels(net: ReLUNet, X: Float[Array, "P d"]) -> LayerKernels:
     _, Z, _, _, Delta, _ = fields(net, X)
     G = tuple(gram(z) for z in Z[:-1])
     Q = tuple(coactivation(d) for d in Delta)
-    K = tuple(hadamard(s, g, q) for s, g, q in zip(net.scales[:-1], G, Q))
+    if net.structured:
+        K = local_kernels(net, Z[:-1], Delta)
+    else:
+        K = tuple(hadamard(s, g, q) for s, g, q in zip(net.scales[:-1], G, Q))
     return LayerKernels(G=G, Q=Q, K=K, total=sum(K[1:], K[0]))
 
 
@@ -97,8 +104,8 @@ def collective_kernel(
     if block_size is None:
         _, Z, _, _, Delta, _ = fields(net, X)
         if _use_triangle(X.shape[0], net):
-            return _symmetric_kernel(net.scales, Z, Delta, _TRIANGLE_BLOCK)
-        return _kernel_tile(net.scales, Z, Delta, Z, Delta)
+            return _symmetric_kernel(net, Z, Delta, _TRIANGLE_BLOCK)
+        return _kernel_tile(net, Z, Delta, Z, Delta)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
     P = X.shape[0]
@@ -114,7 +121,7 @@ def collective_kernel(
 
         def tile(xj):
             Zj, Dj = block_fields(xj)
-            return _kernel_tile(net.scales, Zi, Di, Zj, Dj)
+            return _kernel_tile(net, Zi, Di, Zj, Dj)
 
         return jax.lax.map(tile, Xb)
 
@@ -140,7 +147,7 @@ def _transpose_samples(K):
     return K.T if K.ndim == 2 else K.transpose(1, 0, 3, 2)
 
 
-def _symmetric_kernel(scales, Z, Delta, block):
+def _symmetric_kernel(net, Z, Delta, block):
     """K from its block-upper triangle: block row i holds the tiles (i, j ≥ i), so the Gram
     products cost about half of the full ones; the rest is the transpose (K is symmetric)."""
     P = Z[0].shape[0]
@@ -152,7 +159,7 @@ def _symmetric_kernel(scales, Z, Delta, block):
     diag, upper = [], []
     for i in range(nb):
         lo, hi = i * block, (i + 1) * block
-        row = _kernel_tile(scales, tuple(z[lo:hi] for z in Z), tuple(d[lo:hi] for d in Delta),
+        row = _kernel_tile(net, tuple(z[lo:hi] for z in Z), tuple(d[lo:hi] for d in Delta),
                            tuple(z[lo:] for z in Z), tuple(d[lo:] for d in Delta))
         diag.append(row[:, :block])
         upper.append(row[:, block:])
@@ -167,8 +174,12 @@ def _symmetric_kernel(scales, Z, Delta, block):
     return K[:P, :P]
 
 
-def _kernel_tile(scales, Zi, Di, Zj, Dj):
-    """`Σ_l s_l² (Z_{l-1,i} Z_{l-1,j}ᵀ) ⊙ (Δ_{l,i} Δ_{l,j}ᵀ)` between two sets of samples."""
+def _kernel_tile(net, Zi, Di, Zj, Dj):
+    """`Σ_l s_l² (Z_{l-1,i} Z_{l-1,j}ᵀ) ⊙ (Δ_{l,i} Δ_{l,j}ᵀ)` between two sets of samples
+    (the structured terms of `local_kernels` for a structured network)."""
+    if net.structured:
+        return sum(local_kernels(net, Zi[:-1], Di, Zj[:-1], Dj))
+    scales = net.scales
     terms = (
         hadamard(s, gram(zi, zj), coactivation(di, dj))
         for s, zi, di, zj, dj in zip(scales[:-1], Zi, Di, Zj, Dj)

@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._mask import Mask
+
 PARAMETRIZATIONS = ("standard", "ntk", "mean_field")
+TRAINABLE = ("weights", "gains", "skips")
 
 
 def _scales(parametrization: str, in_dim: int, widths: Sequence[int]) -> list[float]:
@@ -56,6 +59,24 @@ class ReLUNet(eqx.Module):
     - `scales`: shape `(L+1,)`, the values `s_1, ..., s_L, s_out`.
     - `parametrization`: static name, for bookkeeping only (the scales are what is used).
 
+    **Structure** (optional; every gramflow function accepts it): a layer may be
+
+    $$h_l = g_l\, s_l\, (W_l \odot M_l)\, z_{l-1} + \alpha_l\, z_{l-1},$$
+
+    with a fixed binary connectivity mask `M_l` (constrained pathways, `Mask`), a per-layer
+    gain `g_l` and a skip path of strength `α_l` (equal widths `N_l = N_{l-1}`). All of these
+    keep the layer linear in `z_{l-1}` and the network positively homogeneous, so the
+    identities of DESIGN.md hold with the effective weights
+    `W̃_l = g_l s_l (W_l ⊙ M_l) + α_l I` in the pullback recursion (I1) and in the transport
+    of (I4)/(I5), and the layer kernel gains one term per trained parameter (see
+    `layer_kernels`).
+
+    - `masks`: static tuple of `Mask` or `None` per layer, or `None`.
+    - `gains`: `(L,)` array of `g_l`, or `None` (all 1).
+    - `skips`: tuple of scalar `α_l` or `None` per layer, or `None`.
+    - `train`: static tuple of what gradient descent trains, from `("weights", "gains",
+      "skips")`; the readout never is.
+
     A batch of networks (e.g. `jax.vmap(lambda k: ReLUNet.init(k, d, widths))(keys)`) has a
     leading axis on every leaf; every gramflow function accepts one under `jax.vmap`.
     """
@@ -64,8 +85,13 @@ class ReLUNet(eqx.Module):
     readout: Float[Array, "n_last *k"]
     scales: Float[Array, " L_plus_1"]
     parametrization: str = eqx.field(static=True, default="custom")
+    masks: tuple[Mask | None, ...] | None = eqx.field(static=True, default=None)
+    gains: Float[Array, " L"] | None = None
+    skips: tuple[Float[Array, ""] | None, ...] | None = None
+    train: tuple[str, ...] = eqx.field(static=True, default=("weights",))
 
-    def __init__(self, weights, readout, scales, parametrization: str = "custom"):
+    def __init__(self, weights, readout, scales, parametrization: str = "custom", *,
+                 masks=None, gains=None, skips=None, train=None):
         if isinstance(weights, (jax.Array, np.ndarray)):
             raise TypeError(
                 "`weights` must be a tuple or list of 2-D arrays W_l of shape (N_l, N_{l-1}), "
@@ -75,6 +101,22 @@ class ReLUNet(eqx.Module):
         self.readout = jnp.asarray(readout)
         self.scales = jnp.asarray(scales)
         self.parametrization = parametrization
+        if masks is not None:
+            masks = tuple(m if m is None or isinstance(m, Mask) else Mask(m) for m in masks)
+            if all(m is None for m in masks):
+                masks = None
+        self.masks = masks
+        self.gains = None if gains is None else jnp.asarray(gains)
+        if skips is not None:
+            skips = tuple(None if a is None else jnp.asarray(a) for a in skips)
+            if all(a is None for a in skips):
+                skips = None
+        self.skips = skips
+        if train is None:
+            train = ("weights",) + (("gains",) if gains is not None else ())
+        elif isinstance(train, str):
+            train = (train,)
+        self.train = tuple(train)
 
     def __check_init__(self):
         L = len(self.weights)
@@ -121,6 +163,50 @@ class ReLUNet(eqx.Module):
                 f"unknown parametrization {self.parametrization!r}; "
                 f"expected one of {PARAMETRIZATIONS} (or 'custom')."
             )
+        self._check_structure()
+
+    def _check_structure(self):
+        L, dtype = len(self.weights), self.readout.dtype
+        if self.masks is not None:
+            if len(self.masks) != L:
+                raise ValueError(f"`masks` must have one entry (Mask or None) per layer, L = {L}, "
+                                 f"got {len(self.masks)}.")
+            for i, (m, w) in enumerate(zip(self.masks, self.weights)):
+                if m is not None and m.shape != w.shape[-2:]:
+                    raise ValueError(f"`masks[{i}]` has shape {m.shape} but `weights[{i}]` has "
+                                     f"shape {w.shape[-2:]}; they must match.")
+        if self.gains is not None:
+            if self.gains.shape[-1:] != (L,) or self.gains.dtype != dtype:
+                raise ValueError(f"`gains` must be an array of shape (L,) = ({L},) and dtype "
+                                 f"{dtype}, got shape {self.gains.shape}, dtype {self.gains.dtype}.")
+        if self.skips is not None:
+            if len(self.skips) != L:
+                raise ValueError(f"`skips` must have one entry (α_l or None) per layer, L = {L}, "
+                                 f"got {len(self.skips)}.")
+            for i, (a, w) in enumerate(zip(self.skips, self.weights)):
+                if a is None:
+                    continue
+                if a.dtype != dtype:
+                    raise TypeError(f"`skips[{i}]` has dtype {a.dtype}; use the network's {dtype}.")
+                if w.shape[-1] != w.shape[-2]:
+                    raise ValueError(
+                        f"`skips[{i}]`: a skip path h = s W z + α z needs equal widths, but "
+                        f"layer {i + 1} maps {w.shape[-1]} to {w.shape[-2]} units; set it to None."
+                    )
+        bad = [t for t in self.train if t not in TRAINABLE]
+        if bad or not self.train:
+            raise ValueError(f"`train` must be a non-empty subset of {TRAINABLE}, got {self.train!r} "
+                             "(the readout is fixed by design).")
+        for name in ("gains", "skips"):
+            if name in self.train and getattr(self, name) is None:
+                raise ValueError(f"`train` includes {name!r} but the network has no {name}.")
+
+    @property
+    def structured(self) -> bool:
+        """Whether any layer has a mask, a gain or a skip path, or anything but the weights
+        is trained."""
+        return (self.masks is not None or self.gains is not None or self.skips is not None
+                or self.train != ("weights",))
 
     @classmethod
     def init(
@@ -132,6 +218,12 @@ class ReLUNet(eqx.Module):
         out_dim: int | None = None,
         parametrization: str = "ntk",
         dtype=None,
+        masks: Sequence[Mask | None] | None = None,
+        gains: float | None = None,
+        skips: float | Sequence[float | None] | None = None,
+        train: Sequence[str] | None = None,
+        activation: str = "relu",
+        bias: bool = False,
     ) -> ReLUNet:
         """Random network in one of the parametrizations of the class docstring.
 
@@ -145,7 +237,30 @@ class ReLUNet(eqx.Module):
         - `parametrization`: `"standard"`, `"ntk"` (default) or `"mean_field"`.
         - `dtype`: floating dtype of every leaf; `None` means JAX's default floating dtype
           (float64 when x64 is enabled, else float32).
+        - `masks`: per-layer `Mask` (or 0/1 array, or `None` for dense), e.g.
+          `Mask.block_diagonal((N_l, N_{l-1}), 4)`. Masked-out weights are initialized to 0
+          and receive zero gradient, so they stay 0; the scales and the `"standard"` init use
+          the mask's mean fan-in.
+        - `gains`: initial value of every per-layer gain `g_l` (trained by default), or `None`.
+        - `skips`: skip strength `α` for every layer with equal in and out widths, or one
+          `α_l`/`None` per layer, or `None`.
+        - `train`: what gradient descent trains (default: weights, and gains if any).
+        - `activation`, `bias`: only `"relu"` and `False` are supported — see the error for why.
         """
+        if activation != "relu":
+            raise ValueError(
+                f"activation {activation!r} is not supported: gramflow's identities need a "
+                "positively homogeneous activation with a 0/1 derivative (ReLU). The pullback "
+                "hierarchy (I5) rests on z_k = J^z_(k<-l) z_l, which tanh, GELU or softplus "
+                "break, and (I3)-(I8) use D_l ∈ {0, 1}."
+            )
+        if bias:
+            raise ValueError(
+                "biases are not supported: with h = s W z + b the network is no longer positively "
+                "homogeneous, so z_k ≠ J^z_(k<-l) z_l and the backward hierarchy (I5) and the "
+                "exact maps (I8) fail. A skip path (`skips=`) or gains (`gains=`) keep the "
+                "identities; a constant input feature plays the role of a first-layer bias."
+            )
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(
                 f"unknown parametrization {parametrization!r}; expected one of {PARAMETRIZATIONS}."
@@ -164,18 +279,47 @@ class ReLUNet(eqx.Module):
             raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")
 
         fan_ins = (in_dim, *widths[:-1])
+        L = len(widths)
+        if masks is not None:
+            masks = tuple(masks)
+            if len(masks) != L:
+                raise ValueError(f"`masks` must have one entry per layer ({L}), got {len(masks)}.")
+            masks = tuple(m if m is None or isinstance(m, Mask) else Mask(m) for m in masks)
+            for i, m in enumerate(masks):
+                if m is not None and m.shape != (widths[i], fan_ins[i]):
+                    raise ValueError(f"`masks[{i}]` has shape {m.shape}, expected "
+                                     f"({widths[i]}, {fan_ins[i]}) for widths {widths}.")
+        eff_fan = tuple(m.fan_in if m is not None else n
+                        for m, n in zip(masks or (None,) * L, fan_ins))
         keys = jax.random.split(key, len(widths) + 1)
         standard = parametrization == "standard"
         weights = tuple(
-            jax.random.normal(k, (n, m), dtype) * (1.0 / math.sqrt(m) if standard else 1.0)
-            for k, n, m in zip(keys[:-1], widths, fan_ins)
+            jax.random.normal(k, (n, m), dtype) * (1.0 / math.sqrt(f) if standard else 1.0)
+            for k, n, m, f in zip(keys[:-1], widths, fan_ins, eff_fan)
         )
+        if masks is not None:
+            weights = tuple(w if m is None else w * jnp.asarray(m.array, dtype)
+                            for w, m in zip(weights, masks))
         shape = (widths[-1],) if out_dim is None else (widths[-1], out_dim)
         readout = jax.random.normal(keys[-1], shape, dtype)
         if standard:
             readout = readout / math.sqrt(widths[-1])
-        scales = jnp.asarray(_scales(parametrization, in_dim, widths), dtype)
-        return cls(weights, readout, scales, parametrization)
+        scales = _scales(parametrization, in_dim, widths)
+        if parametrization != "standard":
+            scales[:-1] = [1.0 / math.sqrt(f) for f in eff_fan]
+        scales = jnp.asarray(scales, dtype)
+        if gains is not None:
+            gains = jnp.full((L,), gains, dtype)
+        if skips is not None:
+            if isinstance(skips, (int, float, np.floating)):
+                square = [n == m for n, m in zip(widths, fan_ins)]
+                if not any(square):
+                    raise ValueError(f"`skips={skips}` needs a layer with equal in and out widths; "
+                                     f"(in_dim, *widths) = {(in_dim, *widths)} has none.")
+                skips = [skips if sq else None for sq in square]
+            skips = tuple(None if a is None else jnp.asarray(a, dtype) for a in skips)
+        return cls(weights, readout, scales, parametrization, masks=masks, gains=gains,
+                   skips=skips, train=train)
 
     @property
     def depth(self) -> int:

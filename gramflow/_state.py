@@ -9,6 +9,7 @@ from jaxtyping import Array, Float
 
 from ._checks import check_inputs
 from ._network import ReLUNet
+from ._structure import effective, parameter_gradients_from_fields
 
 
 class CollectiveState(eqx.Module):
@@ -40,9 +41,11 @@ class CollectiveState(eqx.Module):
 
 
 def forward(net: ReLUNet, X: Float[Array, "P d"]):
-    """Forward pass. Returns `(H, Z, f)`: tuples `H_1..H_L`, `Z_0..Z_L`, and `f = s_out Z_L a`."""
+    """Forward pass. Returns `(H, Z, f)`: tuples `H_1..H_L`, `Z_0..Z_L`, and `f = s_out Z_L a`.
+    A structured layer applies its effective weights `W̃_l` (`_structure.effective`)."""
     H, Z = [], [X]
-    for W, s in zip(net.weights, net.scales[:-1]):
+    scales, weights = effective(net)
+    for W, s in zip(weights, scales[:-1]):
         H.append(s * (Z[-1] @ W.T))
         Z.append(jax.nn.relu(H[-1]))
     return tuple(H), tuple(Z), net.scales[-1] * (Z[-1] @ net.readout)
@@ -88,7 +91,7 @@ def fields(net: ReLUNet, X: Float[Array, "P d"]):
     """One forward and one backward pass, no validation. Returns `(H, Z, D, B, Delta, f)`."""
     H, Z, f = forward(net, X)
     D = masks(H)
-    B, Delta = pullback(net.scales, net.weights, D, output_field(net, X.shape[0]))
+    B, Delta = pullback(*effective(net), D, output_field(net, X.shape[0]))
     return H, Z, D, B, Delta, f
 
 
@@ -126,8 +129,20 @@ def residual_weighted(r: Float[Array, "P *k"], Delta_l: Float[Array, "P *k N"]) 
 
 
 def gradients_from_fields(net: ReLUNet, Z, E) -> tuple[Float[Array, "N_l N_lm1"], ...]:
-    """`∂L/∂W_l = s_l E_lᵀ Z_{l-1}` (I1, I8) from residual-weighted fields `E_l`, `(P, N_l)`."""
-    return tuple(s * (e.T @ z) for s, e, z in zip(net.scales[:-1], E, Z[:-1]))
+    """`∂L/∂W_l = s_l E_lᵀ Z_{l-1}` (I1, I8) from residual-weighted fields `E_l`, `(P, N_l)`;
+    `g_l s_l M_l ⊙ (E_lᵀ Z_{l-1})` for a structured layer."""
+    if not net.structured:
+        return tuple(s * (e.T @ z) for s, e, z in zip(net.scales[:-1], E, Z[:-1]))
+    from ._structure import coefficient, masked_weight
+
+    return tuple(coefficient(net, l) * masked_weight(net, l, e.T @ z)
+                 for l, (e, z) in enumerate(zip(E, Z[:-1])))
+
+
+def _residual_fields(net: ReLUNet, X, y):
+    H, Z, f = forward(net, X)
+    _, E = pullback(*effective(net), masks(H), residual_top(net, f - y))
+    return Z, E
 
 
 def pullback_gradients(
@@ -146,6 +161,21 @@ def pullback_gradients(
     **Returns:** tuple of `∂L/∂W_l`, shaped like `net.weights`.
     """
     X, y = check_inputs(net, X, y)
-    H, Z, f = forward(net, X)
-    _, E = pullback(net.scales, net.weights, masks(H), residual_top(net, f - y))
-    return gradients_from_fields(net, Z, E)
+    return gradients_from_fields(net, *_residual_fields(net, X, y))
+
+
+def parameter_gradients(net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"]) -> ReLUNet:
+    """Gradients of `L = ½ Σ_μ r_μ²` with respect to every trained parameter of a (possibly
+    structured) network, by the pullback recursion (I1) with the effective weights:
+
+        ∂L/∂W_l = g_l s_l M_l ⊙ F_l,   ∂L/∂g_l = s_l Σ (W_l ⊙ M_l) ⊙ F_l,   ∂L/∂α_l = tr F_l,
+
+    with `F_l = E_lᵀ Z_{l-1}` `(N_l, N_{l-1})`. Masked-out weights get exactly zero gradient.
+
+    **Returns:** a `ReLUNet`-shaped pytree holding the gradients in the trained leaves and
+    `None` elsewhere (the layout of `eqx.filter(net, ...)`), so `jax.tree.map` combines it
+    with the network's own trained leaves.
+    """
+    X, y = check_inputs(net, X, y)
+    Z, E = _residual_fields(net, X, y)
+    return parameter_gradients_from_fields(net, Z[:-1], E)
