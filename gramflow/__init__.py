@@ -21,10 +21,12 @@ from ._matvec import (
     kernel_eigs as kernel_eigs,
     kernel_matvec as kernel_matvec,
 )
+from ._mask import Mask as Mask
 from ._network import ReLUNet as ReLUNet
 from ._state import (
     CollectiveState as CollectiveState,
     collective_state as collective_state,
+    parameter_gradients as parameter_gradients,
     pullback_gradients as pullback_gradients,
 )
 from ._observables import OBSERVABLES as OBSERVABLES

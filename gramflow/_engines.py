@@ -29,6 +29,12 @@ from ._state import (
     pullback,
     residual_weighted,
 )
+from ._structure import (
+    effective,
+    parameter_gradients_from_fields,
+    parameters,
+    with_parameters,
+)
 from ._velocities import pullback_transport, rates
 
 ENGINES = ("weights", "collective", "frozen_kernel")
@@ -63,19 +69,26 @@ def _with_weights(net: ReLUNet, weights) -> ReLUNet:
 
 
 class WeightsEngine(eqx.Module):
-    """The reference: gradient descent (any optax transformation) or flow on the weights."""
+    """The reference: gradient descent (any optax transformation) or flow on the weights —
+    on every trained parameter of a structured network (`parameters(net)`), so masked-out
+    weights get zero gradient and stay where they are."""
 
     net: ReLUNet
     X: Array
     y: Array
     optimizer: optax.GradientTransformation | None
 
-    def loss(self, weights):
-        f = forward(_with_weights(self.net, weights), self.X)[-1]
+    def _net(self, params) -> ReLUNet:
+        if self.net.structured:
+            return with_parameters(self.net, params)
+        return _with_weights(self.net, params)
+
+    def loss(self, params):
+        f = forward(self._net(params), self.X)[-1]
         return 0.5 * jnp.sum((f - self.y) ** 2)
 
     def init(self):
-        ws = self.net.weights
+        ws = parameters(self.net) if self.net.structured else self.net.weights
         return ws if self.optimizer is None else (ws, self.optimizer.init(ws))
 
     def step(self, state, lr):
@@ -91,12 +104,15 @@ class WeightsEngine(eqx.Module):
         return state if self.optimizer is None else state[0]
 
     def view(self, state) -> View:
-        ws = self._weights(state)
-        H, Z, D, _, Delta, f = fields(_with_weights(self.net, ws), self.X)
-        return View(r=f - self.y, H=H, Z=Z, D=D, Delta=Delta, weights=ws)
+        net = self._net(self._weights(state))
+        H, Z, D, _, Delta, f = fields(net, self.X)
+        if net.structured:
+            return View(r=f - self.y, H=H, Z=Z, D=D, Delta=Delta, weights=effective(net)[1],
+                        net=net)
+        return View(r=f - self.y, H=H, Z=Z, D=D, Delta=Delta, weights=net.weights)
 
     def final(self, state) -> ReLUNet:
-        return _with_weights(self.net, self._weights(state))
+        return self._net(self._weights(state))
 
 
 class CollectiveEngine(eqx.Module):
@@ -252,6 +268,71 @@ class CollectiveEngine(eqx.Module):
         return st
 
 
+class StructuredEngine(eqx.Module):
+    """The collective engine for a structured network (`ReLUNet.structured`): the fields
+    `H`, `B`, `r` with the trained parameters as the generators of the effective weights
+    `W̃_l = g_l s_l (W_l ⊙ M_l) + α_l I` (`FieldState.weights` holds `parameters(net)`).
+
+    `step` is the exact map (I8) in its folded form: the parameters step by the pullback
+    gradients (I1) read off the fields, `H_1' = H_1 + X (W̃_1' − W̃_1)ᵀ`,
+    `H_l' = Z'_{l-1} W̃_l'ᵀ` and `B'_{l-1} = Δ'_l W̃_l'` — equal to gradient descent for any
+    η. `rate` is the flow (I4) with the structured local sources `V_l = Z_{l-1} dW̃_lᵀ`; B is
+    read off the pullback recursion (I1), as in `CollectiveEngine`. Masked-out weights get
+    zero gradient in both, so they keep their values.
+    """
+
+    net: ReLUNet
+    X: Array
+    y: Array
+    continuous: bool = eqx.field(static=True, default=False)
+
+    def init(self) -> FieldState:
+        H, _, _, B, _, f = fields(self.net, self.X)
+        return FieldState(H=H, B=() if self.continuous else B[:-1],
+                          r=None if self.continuous else f - self.y,
+                          weights=parameters(self.net))
+
+    def residual(self, H_L):
+        return self.net.scales[-1] * (jax.nn.relu(H_L) @ self.net.readout) - self.y
+
+    def view(self, st: FieldState) -> View:
+        net = with_parameters(self.net, st.weights)
+        scales, W = effective(net)
+        Z = (self.X, *(jax.nn.relu(h) for h in st.H))
+        D = masks(st.H)
+        top = output_field(self.net, self.X.shape[0])
+        if self.continuous:
+            _, Delta = pullback(scales, W, D, top)
+        else:
+            Delta = tuple(apply_mask(d, b) for d, b in zip(D, (*st.B, top)))
+        r = self.residual(st.H[-1]) if st.r is None else st.r
+        return View(r=r, H=st.H, Z=Z, D=D, Delta=Delta, weights=W, net=net)
+
+    def step(self, st: FieldState, lr):
+        v = self.view(st)
+        E = tuple(residual_weighted(v.r, d) for d in v.Delta)
+        grads = parameter_gradients_from_fields(v.net, v.Z[:-1], E)
+        params = jax.tree.map(lambda p, g: p - lr * g, st.weights, grads)
+        scales, W = effective(with_parameters(self.net, params))
+        H = [st.H[0] + self.X @ (W[0] - v.weights[0]).T]
+        for l in range(1, len(st.H)):
+            H.append(jax.nn.relu(H[-1]) @ W[l].T)
+        B, _ = pullback(scales, W, masks(H), output_field(self.net, self.X.shape[0]))
+        new = FieldState(H=tuple(H), B=B[:-1], r=self.residual(H[-1]), weights=params)
+        return new, 0.5 * jnp.sum(v.r**2)
+
+    def rate(self, st: FieldState, lr) -> FieldState:
+        v = self.view(st)
+        scales, W = effective(v.net)
+        _, dH, _, E = rates(scales, W, v.Z, v.D, v.Delta, v.r, structure=v.net)
+        dparams = jax.tree.map(jnp.negative, parameter_gradients_from_fields(v.net, v.Z[:-1], E))
+        rate = FieldState(H=dH, B=(), r=None, weights=dparams)
+        return jax.tree.map(lambda a: lr * a, rate)
+
+    def final(self, st: FieldState) -> FieldState:
+        return st
+
+
 class FrozenKernelEngine(eqx.Module):
     """Lazy / NTK limit: the kernel frozen at t = 0, `r_n = (I − ηK₀)^n r₀` and
     `r(t) = exp(−ηK₀t) r₀`, through one eigendecomposition `K₀ = U diag(λ) Uᵀ`. The state is
@@ -318,5 +399,12 @@ def build_engine(name, net, X, y, *, optimizer=None, transport=None, frozen=Fals
     if name == "weights":
         return WeightsEngine(net, X, y, None if continuous else optimizer)
     if name == "collective":
+        if net.structured:
+            if transport is not None or frozen:
+                raise ValueError(
+                    "closures (`transport=`, `operators='frozen'`) are defined for plain "
+                    "networks; a structured network runs the exact collective engine only."
+                )
+            return StructuredEngine(net, X, y, continuous)
         return CollectiveEngine.build(net, X, y, transport, frozen, continuous)
     return FrozenKernelEngine.build(net, X, y)

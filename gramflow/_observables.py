@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._kernels import coactivation, gram, hadamard
+from ._structure import effective, local_kernels, local_traces
 
 #: name -> (shape per record, description); `L` hidden layers, `m` = `top_m`.
 OBSERVABLES = {
@@ -38,7 +39,9 @@ FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
 
 class View(eqx.Module):
     """The fields an observable may read; `H`, `Z`, `D`, `Delta` are `None` for engines that
-    carry only the residual. `weights` are the operator generators (`W_1` may be `None`)."""
+    carry only the residual. `weights` are the operator generators (`W_1` may be `None`);
+    for a structured network they are the effective weights `W̃_l` and `net` is the current
+    network, from which the structure-aware kernels are computed."""
 
     r: Float[Array, "P *k"]
     H: tuple | None = None
@@ -47,6 +50,7 @@ class View(eqx.Module):
     Delta: tuple | None = None
     weights: tuple | None = None
     op_masks: tuple | None = None  # masks generating the Gram operators, if not `D`
+    net: eqx.Module | None = None  # the current structured network, if any
 
 
 def flat_kernel(K: Float[Array, "P P *kk"]) -> Float[Array, "Pk Pk"]:
@@ -88,6 +92,8 @@ def _operators_of(view: View, scales):
     from ._operators import all_operators
 
     D = view.D if view.op_masks is None else view.op_masks
+    if view.net is not None:
+        scales = effective(view.net)[0]
     return all_operators(scales, view.weights, D, view.r.shape[0], view.r.dtype)
 
 
@@ -103,9 +109,11 @@ def reference(view: View, scales, y, names) -> Reference:
 
 
 def _kernels_of(view: View, scales):
-    Ks = tuple(
-        hadamard(s, gram(z), coactivation(d)) for s, z, d in zip(scales[:-1], view.Z, view.Delta)
-    )
+    if view.net is not None:
+        Ks = local_kernels(view.net, view.Z[:-1], view.Delta)
+    else:
+        Ks = tuple(hadamard(s, gram(z), coactivation(d))
+                   for s, z, d in zip(scales[:-1], view.Z, view.Delta))
     return Ks, sum(Ks[1:], Ks[0])
 
 
@@ -115,7 +123,8 @@ def observe(view: View, scales, ref: Reference, names, top_m: int) -> dict[str, 
     if "r" in names:
         out["r"] = view.r
     if {"kernel_trace", "kernel_share"} & set(names):
-        tr = kernel_traces(scales, view.Z, view.Delta)
+        tr = (kernel_traces(scales, view.Z, view.Delta) if view.net is None
+              else local_traces(view.net, view.Z[:-1], view.Delta))
         if "kernel_trace" in names:
             out["kernel_trace"] = tr
         if "kernel_share" in names:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -87,7 +87,10 @@ def pad_network(net: ReLUNet, widths: Sequence[int]) -> ReLUNet:
         fan_in = n
     a = net.readout
     readout = jnp.zeros((widths[-1], *a.shape[1:]), a.dtype).at[: a.shape[0]].set(a)
-    return ReLUNet(weights, readout, net.scales, net.parametrization)
+    masks = None if net.masks is None else tuple(
+        None if m is None else m.padded(w.shape) for m, w in zip(net.masks, weights))
+    return ReLUNet(weights, readout, net.scales, net.parametrization, masks=masks,
+                   gains=net.gains, skips=net.skips, train=net.train)
 
 
 def _default_max_bytes() -> int:
@@ -181,6 +184,7 @@ def sweep(
     reference: str | None = None,
     transport: int | None = None,
     operators: str = "current",
+    structure: dict | Callable[[int, tuple[int, ...]], dict] | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Gradient descent (`simulate`) over the grid depths × widths × seeds × lrs.
@@ -203,6 +207,11 @@ def sweep(
       `W ← W − η ∂L/∂W` on `L = ½ Σ r²`.
     - `steps`, `record_every`, `engine`, `observables`, `top_m`, `reference`, `transport`,
       `operators`: as in `simulate`.
+    - `structure`: structured layers for every network — a dict of `ReLUNet.init` keyword
+      arguments (`gains`, `skips`, `train`, `masks`), or a function `(d, widths) -> dict`
+      for what depends on the architecture (masks). Networks whose static structure differs
+      (e.g. masks of different widths) cannot share one vmap: each such group compiles
+      separately.
     - `out`: a directory; each finished chunk is written there atomically (npz + JSON with its
       grid coordinates, versions and a fingerprint of the sweep) and a rerun loads finished
       chunks instead of recomputing them.
@@ -243,7 +252,17 @@ def sweep(
     lrs_arr = jnp.asarray(lr_values, X.dtype)
     n_configs = len(widths) * len(seeds) * len(lr_values)
 
-    plans = []
+    def structure_of(a):
+        if structure is None:
+            return {}
+        kw = structure(d, a) if callable(structure) else dict(structure)
+        bad = {"key", "in_dim", "widths", "out_dim", "parametrization", "dtype"} & set(kw)
+        if bad:
+            raise ValueError(f"`structure` may not set {sorted(bad)}: the sweep sets them.")
+        return kw
+
+    seed_keys = jnp.stack([jax.random.key(s) for s in seeds])
+    plans, struct_desc = [], []
     for i, L in enumerate(depths):
         padded = tuple(max(a[l] for a in arch[i]) for l in range(L))
         per = _bytes_per_config(padded, P, d, k, T, names, top_m, X.dtype.itemsize)
@@ -253,70 +272,83 @@ def sweep(
                 f"{per:,} bytes, above max_bytes = {budget:,}; reduce P, the widths, or the "
                 "recorded observables."
             )
+        # Networks of one depth; those with equal static structure share a vmap, zero-padded
+        # to the group's largest widths.
+        nets, groups = [], {}
+        for w, a in enumerate(arch[i]):
+            kw = structure_of(a)
+            struct_desc.append(repr(sorted(kw.items())))
+            net = jax.vmap(lambda key, a=a, kw=kw: ReLUNet.init(
+                key, d, a, out_dim=out_dim, parametrization=parametrization, dtype=X.dtype,
+                **kw))(seed_keys)
+            nets.append(net)
+            groups.setdefault(jax.tree.structure(net), []).append(w)
         chunk = max(1, min(n_configs, budget // per))
         chunk = -(-chunk // n_dev) * n_dev if chunk >= n_dev else n_dev  # whole devices
-        plans.append((padded, chunk, -(-n_configs // chunk)))
+        parts = []
+        for g, ws in enumerate(groups.values()):
+            pad_to = tuple(max(arch[i][w][l] for w in ws) for l in range(L))
+            group = [jax.vmap(lambda n: pad_network(n, pad_to))(nets[w]) for w in ws]
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *group)  # (W, S, ...)
+            n = len(ws) * len(seeds) * len(lr_values)
+            parts.append((g, ws, stacked, -(-n // chunk), pad_to))
+        plans.append((padded, chunk, parts))
 
     config = dict(widths=[list(a) for row in arch for a in row], depths=depths, seeds=seeds,
                   lrs=lr_values.tolist(), steps=steps, engine=engine, record_every=record_every,
                   parametrization=parametrization, out_dim=out_dim, names=names, top_m=top_m,
                   reference=reference, transport=transport, operators=operators,
-                  chunks=[p[1] for p in plans], dtype=str(X.dtype))
+                  chunks=[p[1] for p in plans], dtype=str(X.dtype), structure=struct_desc)
     fingerprint = _fingerprint(X, y, config)
     if out is not None:
         os.makedirs(out, exist_ok=True)
 
-    bar = _progress(sum(p[2] for p in plans), progress)
+    def single(net, lr):
+        traj = simulate(net, X, y, steps=steps, lr=lr, engine=engine, observables=names,
+                        record_every=record_every, top_m=top_m, reference=reference,
+                        transport=transport, operators=operators)
+        return {"loss": traj.loss, **({"r": traj.r} if traj.r is not None else {}),
+                **traj.observables, "first_nonfinite": traj.first_nonfinite,
+                "step": traj.step}
+
+    fn = jax.jit(jax.vmap(single))
+    bar = _progress(sum(p[3] for plan in plans for p in plan[2]), progress)
     per_depth = []
     for i, L in enumerate(depths):
-        padded, chunk, n_chunks = plans[i]
-        keys = jnp.stack([jax.random.key(s) for s in seeds])
-        nets = [
-            jax.vmap(lambda key, a=a: pad_network(
-                ReLUNet.init(key, d, a, out_dim=out_dim, parametrization=parametrization,
-                             dtype=X.dtype), padded))(keys)
-            for a in arch[i]
-        ]
-        nets = jax.tree.map(lambda *xs: jnp.stack(xs), *nets)  # (W, S, ...)
-
-        def single(net, lr):
-            traj = simulate(net, X, y, steps=steps, lr=lr, engine=engine, observables=names,
-                            record_every=record_every, top_m=top_m, reference=reference,
-                            transport=transport, operators=operators)
-            return {"loss": traj.loss, **({"r": traj.r} if traj.r is not None else {}),
-                    **traj.observables, "first_nonfinite": traj.first_nonfinite,
-                    "step": traj.step}
-
-        fn = jax.jit(jax.vmap(single))
-        grid = np.stack(np.unravel_index(np.arange(n_configs),
-                                         (len(widths), len(seeds), len(lr_values))), axis=1)
-        results = []
-        for c in range(n_chunks):
-            idx = grid[c * chunk:(c + 1) * chunk]
-            stem = f"depth{L}_chunk{c:05d}"
-            done = _load_chunk(out, stem, fingerprint) if out is not None else None
-            if done is None:
-                fill = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx), 0)])
-                batch = jax.tree.map(lambda a: a[fill[:, 0], fill[:, 1]], nets)
-                done = _run_chunk(fn, batch, lrs_arr[fill[:, 2]], sharding)
-                done = {key: v[: len(idx)] for key, v in done.items()}
-                if out is not None:
-                    meta = dict(
-                        fingerprint=fingerprint, depth=L, chunk=c,
-                        configs=[dict(width=list(arch[i][w]), seed=seeds[s],
-                                      lr=float(lr_values[r])) for w, s, r in idx],
-                        gramflow=__version__, jax=jax.__version__,
-                    )
-                    _atomic_save(out, stem, done, meta)
-            results.append(done)
-            bar.update(1)
-        merged = {key: np.concatenate([r[key] for r in results]) for key in results[0]}
-        shape = (len(widths), len(seeds), len(lr_values))
-        merged = {key: v.reshape(shape + v.shape[1:]) for key, v in merged.items()}
-        if "active_fraction" in merged:  # padded units count as inactive: rescale
-            true = np.array([[a[l] for l in range(L)] for a in arch[i]], np.float64)
-            merged["active_fraction"] = merged["active_fraction"] * (
-                np.array(padded) / true)[:, None, None, None, :]
+        padded, chunk, parts = plans[i]
+        merged = {}
+        for g, ws, nets, n_chunks, pad_to in parts:
+            grid = np.stack(np.unravel_index(np.arange(len(ws) * len(seeds) * len(lr_values)),
+                                             (len(ws), len(seeds), len(lr_values))), axis=1)
+            results = []
+            for c in range(n_chunks):
+                idx = grid[c * chunk:(c + 1) * chunk]
+                stem = f"depth{L}_chunk{c:05d}" if len(parts) == 1 else f"depth{L}_group{g}_chunk{c:05d}"
+                done = _load_chunk(out, stem, fingerprint) if out is not None else None
+                if done is None:
+                    fill = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx), 0)])
+                    batch = jax.tree.map(lambda a: a[fill[:, 0], fill[:, 1]], nets)
+                    done = _run_chunk(fn, batch, lrs_arr[fill[:, 2]], sharding)
+                    done = {key: v[: len(idx)] for key, v in done.items()}
+                    if out is not None:
+                        meta = dict(
+                            fingerprint=fingerprint, depth=L, chunk=c,
+                            configs=[dict(width=list(arch[i][ws[w]]), seed=seeds[s],
+                                          lr=float(lr_values[r])) for w, s, r in idx],
+                            gramflow=__version__, jax=jax.__version__,
+                        )
+                        _atomic_save(out, stem, done, meta)
+                results.append(done)
+                bar.update(1)
+            for key in results[0]:
+                v = np.concatenate([r[key] for r in results])
+                v = v.reshape((len(ws), len(seeds), len(lr_values)) + v.shape[1:])
+                if key not in merged:
+                    merged[key] = np.zeros((len(widths),) + v.shape[1:], v.dtype)
+                if key == "active_fraction":  # padded units count as inactive: rescale
+                    true = np.array([arch[i][w] for w in ws], np.float64)
+                    v = v * (np.array(pad_to) / true)[:, None, None, None, :]
+                merged[key][ws] = v
         per_depth.append(merged)
     bar.close()
 

@@ -10,6 +10,7 @@ from ._checks import check_inputs
 from ._kernels import gram_apply
 from ._network import ReLUNet
 from ._state import apply_mask, fields, residual_weighted
+from ._structure import effective, local_sources
 
 
 class Velocities(eqx.Module):
@@ -86,8 +87,14 @@ def residual_rate(Delta, V):
     return sum(jnp.sum(apply_mask(v, d), axis=-1) for d, v in zip(Delta, V))
 
 
-def rates(scales, weights, Z, D, Delta, r, *, transport: int | None = None, operators=None):
+def rates(scales, weights, Z, D, Delta, r, *, transport: int | None = None, operators=None,
+          structure=None):
     """Gradient-flow rates (η = 1) from the fields: `(dr, dH, dB, E)`.
+
+    For a structured network pass it as `structure` (with its effective `(scales, weights)`,
+    `_structure.effective`): the local sources are then those of its trained parameters,
+    `V_l = Z_{l-1} dW̃_lᵀ`, `U_{l-1} = Δ_l dW̃_l` (`_structure.local_sources`), and the
+    transport is unchanged.
 
     `dH` by (I4), `dB` by (I5) (with `dB_L = 0`), `dr = −K r` by (I2); `E_l` are the
     residual-weighted conjugate fields, so that `dW_l = −s_l E_lᵀ Z_{l-1}` (I1). Only
@@ -96,10 +103,12 @@ def rates(scales, weights, Z, D, Delta, r, *, transport: int | None = None, oper
     (e.g. frozen at t = 0) instead of the current ones, while the local terms use the fields.
     """
     E = tuple(residual_weighted(r, d) for d in Delta)
-    V = local_forward(scales, Z, E)
+    if structure is None:
+        V, U = local_forward(scales, Z, E), local_backward(scales, Z, Delta, E)
+    else:
+        V, U, _ = local_sources(structure, Z[:-1], Delta, E)
     W_op, D_op = (weights, D) if operators is None else operators
     dH = pushforward(scales, W_op, D_op, V, transport=transport)
-    U = local_backward(scales, Z, Delta, E)
     dB = pullback_transport(scales, W_op, D_op, U, jnp.zeros_like(Delta[-1]), transport=transport)
     return residual_rate(Delta, V), dH, dB, E
 
@@ -119,5 +128,6 @@ def velocities(
     """
     X, y = check_inputs(net, X, y)
     _, Z, D, _, Delta, f = fields(net, X)
-    dr, dH, dB, _ = rates(net.scales, net.weights, Z, D, Delta, f - y)
+    structure = net if net.structured else None
+    dr, dH, dB, _ = rates(*effective(net), Z, D, Delta, f - y, structure=structure)
     return Velocities(r=dr, H=dH, B=dB)

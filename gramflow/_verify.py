@@ -11,29 +11,37 @@ from jaxtyping import Array, Float
 from ._checks import check_inputs
 from ._kernels import apply_kernel, collective_kernel, layer_kernels
 from ._network import ReLUNet
-from ._state import collective_state, pullback_gradients
+from ._state import collective_state, parameter_gradients
+from ._structure import trainable
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-1, "float16": 1e-2}
 _JACOBIAN_BYTES_LIMIT = 2**31
 
 
-def _plain_f(weights, readout, scales, X, eps_h=None, eps_z=None):
-    """The network as a plain function of its weights, written independently of `_state.py`.
+def _plain_f(net, X, eps_h=None, eps_z=None):
+    """The network as a plain function of its parameters, written independently of
+    `_state.py` and `_structure.py`: `h_l = g_l s_l (W_l ⊙ M_l) z_{l-1} + α_l z_{l-1}`.
 
     `eps_h[l]` / `eps_z[l]` are additive probes on the pre-/post-activations of layer l + 1:
     since `f_μ` depends only on row μ of each probe, `∂(Σ_μ f_μ)/∂eps_h[l] = Δ_{l+1}` and
     `∂(Σ_μ f_μ)/∂eps_z[l] = B_{l+1}`.
     """
     z, hs = X, []
-    for l, (W, s) in enumerate(zip(weights, scales[:-1])):
-        h = s * jnp.dot(z, W.T)
+    for l, W in enumerate(net.weights):
+        if net.masks is not None and net.masks[l] is not None:
+            W = jnp.where(net.masks[l].array, W, 0.0)
+        h = net.scales[l] * jnp.dot(z, W.T)
+        if net.gains is not None:
+            h = net.gains[l] * h
+        if net.skips is not None and net.skips[l] is not None:
+            h = h + net.skips[l] * z
         if eps_h is not None:
             h = h + eps_h[l]
         hs.append(h)
         z = jax.nn.relu(h)
         if eps_z is not None:
             z = z + eps_z[l]
-    return scales[-1] * jnp.dot(z, readout), hs
+    return net.scales[-1] * jnp.dot(z, net.readout), hs
 
 
 def _rel(a, b):
@@ -49,10 +57,22 @@ def _sample_jacobian(fn, probes):
     return tuple(j if j.ndim == 2 else jnp.moveaxis(j, 0, 1) for j in jac)
 
 
-def _weight_jacobian(fn, weights):
-    """Per-layer Jacobians `∂f/∂W_l` flattened to `(P·k, N_l N_{l-1})`."""
-    jacs = jax.jacrev(fn)(weights)
-    return [j.reshape(int(np.prod(j.shape[: j.ndim - 2])), -1) for j in jacs]
+def _layer_jacobians(fn, params, train, P, k):
+    """Per-layer Jacobians `∂f/∂θ_l` of every trained parameter of layer l (weights, gain,
+    skip), flattened to `(P·k, #θ_l)`."""
+    jac = jax.jacrev(fn)(params)
+    flat = lambda j: j.reshape(P * k, -1)  # noqa: E731
+    out = []
+    for l in range(len(params.weights)):
+        parts = []
+        if "weights" in train:
+            parts.append(flat(jac.weights[l]))
+        if "gains" in train:
+            parts.append(flat(jac.gains[..., l]))
+        if "skips" in train and params.skips[l] is not None:
+            parts.append(flat(jac.skips[l]))
+        out.append(jnp.concatenate(parts, axis=1))
+    return out
 
 
 def _jjt(J, P):
@@ -64,6 +84,18 @@ def _jjt(J, P):
     return K.reshape(P, k, P, k).transpose(0, 2, 1, 3)
 
 
+def _layer_vector(params, train, l):
+    """The trained parameters of layer l as one flat vector."""
+    parts = []
+    if "weights" in train:
+        parts.append(params.weights[l].ravel())
+    if "gains" in train:
+        parts.append(params.gains[l:l + 1])
+    if "skips" in train and params.skips[l] is not None:
+        parts.append(params.skips[l].reshape(1))
+    return jnp.concatenate(parts)
+
+
 class VerificationReport(eqx.Module):
     """Relative errors `‖ours − autodiff‖_F / ‖autodiff‖_F` of every collective quantity.
 
@@ -72,8 +104,9 @@ class VerificationReport(eqx.Module):
     - `H`: forward fields vs the plain forward pass.
     - `B`, `Delta`: conjugate fields vs `jax.jacrev` of `Σ_μ f_μ` w.r.t. probes added to `Z_l`
       and `H_l`.
-    - `gradients`: pullback gradients (I1) vs `jax.grad` of `½ Σ r²`.
-    - `K`: per-layer kernels `K_l` vs `J_l J_lᵀ` with `J_l = ∂f/∂W_l` from `jax.jacrev` (I2).
+    - `gradients`: pullback gradients (I1) vs `jax.grad` of `½ Σ r²`, per layer over all
+      its trained parameters (weights, and a structured layer's gain and skip).
+    - `K`: per-layer kernels `K_l` vs `J_l J_lᵀ` with `J_l = ∂f/∂θ_l` from `jax.jacrev` (I2).
     - `kernel`: `collective_kernel` vs `J Jᵀ`.
     - `residual_velocity`: `−K r` vs `jax.jvp` of `f` along `−∇L` (I2 with η = 1).
     - `dtype`: the network's dtype, which sets the default tolerance of `ok`.
@@ -149,38 +182,39 @@ def verify(
     """
     X, y = check_inputs(net, X, y)
     P, k = X.shape[0], net.out_dim or 1
-    n_params = sum(w.size for w in net.weights)
+    params, rest = eqx.partition(net, trainable(net))
+    n_params = sum(p.size for p in jax.tree.leaves(params))
     need = P * k * n_params * net.dtype.itemsize
     if need > _JACOBIAN_BYTES_LIMIT:
         raise ValueError(
-            f"verify would build Jacobians of {need / 2**30:.1f} GiB (P·k·#weights = "
+            f"verify would build Jacobians of {need / 2**30:.1f} GiB (P·k·#parameters = "
             f"{P}·{k}·{n_params}), above the {_JACOBIAN_BYTES_LIMIT / 2**30:.0f} GiB limit; "
             "pass a subset of the samples, e.g. `verify(net, X[:64], y[:64])`."
         )
     state = collective_state(net, X, y)
-    grads = pullback_gradients(net, X, y)
+    grads = parameter_gradients(net, X, y)
     kernels = layer_kernels(net, X)
     K = collective_kernel(net, X)
 
-    weights, readout, scales = net.weights, net.readout, net.scales
+    def f_of(p):
+        return _plain_f(eqx.combine(p, rest), X)[0]
 
-    def f_of(ws):
-        return _plain_f(ws, readout, scales, X)[0]
-
-    _, H_ref = _plain_f(weights, readout, scales, X)
+    _, H_ref = _plain_f(net, X)
     zeros = tuple(jnp.zeros_like(h) for h in H_ref)
-    Delta_ref = _sample_jacobian(lambda e: _plain_f(weights, readout, scales, X, eps_h=e)[0], zeros)
-    B_ref = _sample_jacobian(lambda e: _plain_f(weights, readout, scales, X, eps_z=e)[0], zeros)
-    grads_ref = jax.grad(lambda ws: 0.5 * jnp.sum((f_of(ws) - y) ** 2))(weights)
-    J = _weight_jacobian(f_of, weights)
+    Delta_ref = _sample_jacobian(lambda e: _plain_f(net, X, eps_h=e)[0], zeros)
+    B_ref = _sample_jacobian(lambda e: _plain_f(net, X, eps_z=e)[0], zeros)
+    grads_ref = jax.grad(lambda p: 0.5 * jnp.sum((f_of(p) - y) ** 2))(params)
+    J = _layer_jacobians(f_of, params, net.train, P, k)
     K_ref = [_jjt(j, P) for j in J]
-    _, df = jax.jvp(f_of, (weights,), (jax.tree.map(jnp.negative, grads_ref),))
+    _, df = jax.jvp(f_of, (params,), (jax.tree.map(jnp.negative, grads_ref),))
 
     return VerificationReport(
         H=tuple(_rel(a, b) for a, b in zip(state.H, H_ref)),
         B=tuple(_rel(a, b) for a, b in zip(state.B, B_ref)),
         Delta=tuple(_rel(a, b) for a, b in zip(state.Delta, Delta_ref)),
-        gradients=tuple(_rel(a, b) for a, b in zip(grads, grads_ref)),
+        gradients=tuple(_rel(_layer_vector(grads, net.train, l),
+                             _layer_vector(grads_ref, net.train, l))
+                        for l in range(net.depth)),
         K=tuple(_rel(a, b) for a, b in zip(kernels.K, K_ref)),
         kernel=jnp.maximum(_rel(K, sum(K_ref)), _rel(kernels.total, sum(K_ref))),
         residual_velocity=_rel(-apply_kernel(K, state.r), df),
