@@ -9,10 +9,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._checks import check_inputs
-from ._engines import _with_weights
 from ._network import ReLUNet
 from ._simulate import _check_lr
-from ._state import collective_state, pullback_gradients
+from ._state import collective_state, parameter_gradients
+from ._structure import parameters, with_parameters
 from ._velocities import Velocities, velocities
 
 
@@ -57,8 +57,8 @@ def step_remainder(
     X, y = check_inputs(net, X, y)
     lr = _check_lr(lr, net.dtype)
     before = collective_state(net, X, y)
-    grads = pullback_gradients(net, X, y)
-    stepped = _with_weights(net, (w - lr * g for w, g in zip(net.weights, grads)))
+    grads = parameter_gradients(net, X, y)
+    stepped = with_parameters(net, jax.tree.map(lambda p, g: p - lr * g, parameters(net), grads))
     after = collective_state(stepped, X, y)
     actual = Velocities(
         r=after.r - before.r,

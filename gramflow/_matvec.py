@@ -12,7 +12,9 @@ from ._checks import check_inputs
 from ._kernels import collective_kernel
 from ._network import ReLUNet
 from ._observables import flat_kernel
-from ._state import fields
+from ._state import fields, residual_weighted
+from ._structure import local_sources
+from ._velocities import residual_rate
 
 
 def _matmat(scales, Z, Delta, V):
@@ -32,6 +34,22 @@ def _matmat(scales, Z, Delta, V):
         term = jnp.einsum("pn,pmn->pm", d, U) if d.ndim == 2 else jnp.einsum("pkn,pmn->pkm", d, U)
         out = out + s**2 * term
     return out
+
+
+def _structured_matmat(net, Z, Delta, V):
+    """`K V` for a structured network, one column at a time: `−Σ_l Δ_l · V_l(v)` with the
+    structured local sources of the residual rate (I2)."""
+    def one(v):
+        E = tuple(residual_weighted(v, d) for d in Delta)
+        return -residual_rate(Delta, local_sources(net, Z[:-1], Delta, E, backward=False)[0])
+
+    return jax.vmap(one, in_axes=-1, out_axes=-1)(V)
+
+
+def _kernel_matmat(net, Z, Delta, V):
+    if net.structured:
+        return _structured_matmat(net, Z, Delta, V)
+    return _matmat(net.scales, Z, Delta, V)
 
 
 def kernel_matvec(
@@ -56,8 +74,8 @@ def kernel_matvec(
         raise ValueError(f"`v` must have shape {single} or {single + ('m',)}, got {v.shape}.")
     _, Z, _, _, Delta, _ = fields(net, X)
     if v.ndim == len(single):
-        return _matmat(net.scales, Z, Delta, v[..., None])[..., 0]
-    return _matmat(net.scales, Z, Delta, v)
+        return _kernel_matmat(net, Z, Delta, v[..., None])[..., 0]
+    return _kernel_matmat(net, Z, Delta, v)
 
 
 class KernelEigs(eqx.Module):
@@ -148,7 +166,7 @@ def kernel_eigs(
     _, Z, _, _, Delta, _ = fields(net, X)
 
     def matmat(V):  # (n, m) -> (n, m)
-        return _matmat(net.scales, Z, Delta, V.reshape(*shape, V.shape[-1])).reshape(n, -1)
+        return _kernel_matmat(net, Z, Delta, V.reshape(*shape, V.shape[-1])).reshape(n, -1)
 
     key = jax.random.key(0) if key is None else key
     values, vectors, residuals = block_krylov_eigs(matmat, n, k, iters=iters, key=key,

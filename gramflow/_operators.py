@@ -14,6 +14,7 @@ from ._checks import check_inputs
 from ._kernels import apply_kernel, gram, layer_kernels
 from ._network import ReLUNet
 from ._state import fields, residual_weighted
+from ._structure import effective
 from ._velocities import Velocities
 
 DEFAULT_MAX_BYTES = 2**30
@@ -94,14 +95,15 @@ def pushforward_operators(
     giving the bytes needed) above this size (default 1 GiB).
 
     **Returns:** dict keyed by `(k, l)`, 1 ≤ k < l ≤ L (1-based layers as in DESIGN.md), each
-    of shape `(P, P, N_l, N_l)`. The identity operators k = l are not stored.
+    of shape `(P, P, N_l, N_l)`. The identity operators k = l are not stored. For a
+    structured network `s_l W_l` is its effective weight `W̃_l` (`ReLUNet`).
     """
     X, _ = check_inputs(net, X)
     L, P = net.depth, X.shape[0]
     pairs = [(k, l) for _, k, l in operator_pairs(L) if k < l]
     _check_size(net, P, pairs, "pushforward_operators", max_bytes)
     _, _, D, _, _, _ = fields(net, X)
-    return _pushforward(net.scales, net.weights, D, P, X.dtype)
+    return _pushforward(*effective(net), D, P, X.dtype)
 
 
 def pullback_operators(
@@ -122,7 +124,7 @@ def pullback_operators(
     pairs = [(k, l) for _, k, l in operator_pairs(L) if k > l]
     _check_size(net, P, pairs, "pullback_operators", max_bytes)
     _, _, D, _, _, _ = fields(net, X)
-    return _pullback(net.scales, net.weights, D, P, X.dtype)
+    return _pullback(*effective(net), D, P, X.dtype)
 
 
 def block_operator(op: Float[Array, "P P N N"]) -> Float[Array, "PN PN"]:
@@ -177,6 +179,13 @@ def hierarchy_velocities(
     matrix-free `velocities` is the check of (I6).
     """
     X, y = check_inputs(net, X, y)
+    if net.structured:
+        raise ValueError(
+            "hierarchy_velocities writes out (I4)/(I5) for plain layers (local terms "
+            "s_k² G_{k-1} E_k); for a structured network use `velocities`, whose local sources "
+            "follow the structure, and `pushforward_operators` / `pullback_operators`, which "
+            "are built from its effective weights."
+        )
     P, L = X.shape[0], net.depth
     _check_size(net, P, [(k, l) for _, k, l in operator_pairs(L)], "hierarchy_velocities",
                 max_bytes)

@@ -247,12 +247,14 @@ def local_traces(net: ReLUNet, Z, Delta):
 
 # -- velocities ------------------------------------------------------------------------------------
 
-def local_sources(net: ReLUNet, Z, Delta, E):
+def local_sources(net: ReLUNet, Z, Delta, E, *, backward: bool = True):
     """Local velocity sources of the structured hierarchy under gradient flow (η = 1):
     `dθ = −∂L/∂θ`, `V_l = Z_{l-1} dW̃_lᵀ` (the k = l terms of I4) and
-    `U_{l-1} = Δ_l dW̃_l` (the sources of I5). Returns `(V, U, dθ)`."""
+    `U_{l-1} = Δ_l dW̃_l` (the sources of I5; `None` unless `backward`). Returns
+    `(V, U, dθ)`. With `E` built from any field `v` instead of `r`, `Σ_l Δ_l · V_l = −K v`
+    (I2): `kernel_matvec` of a structured network."""
     dparams = jax.tree.map(jnp.negative, parameter_gradients_from_fields(net, Z, E))
     dW = effective_change(net, dparams)
     V = tuple(z @ w.T for z, w in zip(Z, dW))
-    U = tuple(Delta[l] @ dW[l] for l in range(1, net.depth))
+    U = tuple(Delta[l] @ dW[l] for l in range(1, net.depth)) if backward else None
     return V, U, dparams

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 from ._checks import check_inputs
 from ._kernels import apply_kernel, collective_kernel, layer_kernels
 from ._network import ReLUNet
-from ._state import collective_state, parameter_gradients
+from ._state import collective_state, parameter_gradients, pullback_gradients
 from ._structure import trainable
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-1, "float16": 1e-2}
@@ -105,7 +105,8 @@ class VerificationReport(eqx.Module):
     - `B`, `Delta`: conjugate fields vs `jax.jacrev` of `Σ_μ f_μ` w.r.t. probes added to `Z_l`
       and `H_l`.
     - `gradients`: pullback gradients (I1) vs `jax.grad` of `½ Σ r²`, per layer over all
-      its trained parameters (weights, and a structured layer's gain and skip).
+      its trained parameters (`parameter_gradients`: weights, and a structured layer's gain
+      and skip; and `pullback_gradients` for the weights), the larger error of the two.
     - `K`: per-layer kernels `K_l` vs `J_l J_lᵀ` with `J_l = ∂f/∂θ_l` from `jax.jacrev` (I2).
     - `kernel`: `collective_kernel` vs `J Jᵀ`.
     - `residual_velocity`: `−K r` vs `jax.jvp` of `f` along `−∇L` (I2 with η = 1).
@@ -193,6 +194,7 @@ def verify(
         )
     state = collective_state(net, X, y)
     grads = parameter_gradients(net, X, y)
+    weight_grads = pullback_gradients(net, X, y)
     kernels = layer_kernels(net, X)
     K = collective_kernel(net, X)
 
@@ -212,9 +214,12 @@ def verify(
         H=tuple(_rel(a, b) for a, b in zip(state.H, H_ref)),
         B=tuple(_rel(a, b) for a, b in zip(state.B, B_ref)),
         Delta=tuple(_rel(a, b) for a, b in zip(state.Delta, Delta_ref)),
-        gradients=tuple(_rel(_layer_vector(grads, net.train, l),
-                             _layer_vector(grads_ref, net.train, l))
-                        for l in range(net.depth)),
+        gradients=tuple(
+            jnp.maximum(_rel(_layer_vector(grads, net.train, l),
+                             _layer_vector(grads_ref, net.train, l)),
+                        _rel(weight_grads[l], grads_ref.weights[l]) if "weights" in net.train
+                        else 0.0)
+            for l in range(net.depth)),
         K=tuple(_rel(a, b) for a, b in zip(kernels.K, K_ref)),
         kernel=jnp.maximum(_rel(K, sum(K_ref)), _rel(kernels.total, sum(K_ref))),
         residual_velocity=_rel(-apply_kernel(K, state.r), df),

@@ -36,6 +36,7 @@ def _scaled(fn, factor):
     "target,field",
     [
         ("pullback_gradients", "gradients"),
+        ("parameter_gradients", "gradients"),
         ("collective_kernel", "kernel"),
         ("collective_state", "Delta"),
     ],
