@@ -1,0 +1,295 @@
+"""Structured layers (pathway masks, gains, skip paths) against autodiff of an independent
+plain function, through every entry point."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gramflow as gf
+from gramflow import Mask
+
+from helpers import rel_err
+
+D_IN = 5
+WIDTHS = {1: (5,), 2: (7, 7), 3: (6, 6, 5)}  # each depth has a square layer for a skip path
+
+
+def _masks(kind, d, widths):
+    fan_in = (d, *widths[:-1])
+    build = {
+        "block": lambda s: Mask.block_diagonal(s, 2),
+        "banded": lambda s: Mask.banded(s, 1),
+        "random": lambda s: Mask.random(s, 0.5, seed=s[0] * 7 + s[1]),
+    }[kind]
+    return [build((n, m)) for n, m in zip(widths, fan_in)]
+
+
+STRUCTURES = {
+    "block": lambda d, w: dict(masks=_masks("block", d, w)),
+    "banded": lambda d, w: dict(masks=_masks("banded", d, w)),
+    "random": lambda d, w: dict(masks=_masks("random", d, w)),
+    "gains": lambda d, w: dict(gains=1.2),
+    "skips_fixed": lambda d, w: dict(skips=0.6),
+    "skips_trained": lambda d, w: dict(skips=0.6, train=("weights", "skips")),
+    "gains_only": lambda d, w: dict(gains=0.9, train=("gains",)),
+    "all": lambda d, w: dict(masks=_masks("block", d, w), gains=1.1, skips=0.5,
+                             train=("weights", "gains", "skips")),
+}
+
+
+def structured_f(net, X):
+    """`h_l = g_l s_l (W_l ⊙ M_l) z + α_l z`, written independently of gramflow (masks as
+    `where`, relu with relu'(0) = 0)."""
+    z = X
+    for l, W in enumerate(net.weights):
+        if net.masks is not None and net.masks[l] is not None:
+            W = jnp.where(jnp.asarray(net.masks[l].array), W, 0.0)
+        h = net.scales[l] * jnp.einsum("pi,ni->pn", z, W)
+        if net.gains is not None:
+            h = net.gains[l] * h
+        if net.skips is not None and net.skips[l] is not None:
+            h = h + net.skips[l] * z
+        z = jnp.where(h > 0, h, 0.0)
+    return net.scales[-1] * jnp.einsum("pn,n...->p...", z, net.readout)
+
+
+def _spec(net):
+    """Trained leaves, built independently of gramflow's own filter."""
+    spec = jax.tree.map(lambda _: False, net)
+    return eqx.tree_at(
+        lambda n: (n.weights, n.gains, n.skips), spec,
+        (tuple("weights" in net.train for _ in net.weights),
+         None if net.gains is None else "gains" in net.train,
+         None if net.skips is None else tuple(("skips" in net.train) and a is not None
+                                              for a in net.skips)),
+        is_leaf=lambda x: x is None)
+
+
+def build(key, depth, name, out_dim=None, dtype=jnp.float64, P=7):
+    kn, kx, ky = jax.random.split(key, 3)
+    widths = WIDTHS[depth]
+    net = gf.ReLUNet.init(kn, D_IN, widths, out_dim=out_dim, dtype=dtype,
+                          **STRUCTURES[name](D_IN, widths))
+    X = jax.random.normal(kx, (P, D_IN), dtype)
+    y = jax.random.normal(ky, (P,) if out_dim is None else (P, out_dim), dtype)
+    return net, X, y
+
+
+def _flat_jacobian(net, X):
+    params, rest = eqx.partition(net, _spec(net))
+    jac = jax.jacrev(lambda p: structured_f(eqx.combine(p, rest), X))(params)
+    P = X.shape[0]
+    k = 1 if net.out_dim is None else net.out_dim
+    return jnp.concatenate([j.reshape(P * k, -1) for j in jax.tree.leaves(jac)], axis=1)
+
+
+def _flat(K):
+    return K if K.ndim == 2 else K.transpose(0, 2, 1, 3).reshape(K.shape[0] * K.shape[2], -1)
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("out_dim", [None, 2])
+def test_kernels_and_gradients_match_autodiff(getkey, name, depth, out_dim):
+    net, X, y = build(getkey(), depth, name, out_dim)
+    params, rest = eqx.partition(net, _spec(net))
+    ref = jax.grad(lambda p: 0.5 * jnp.sum((structured_f(eqx.combine(p, rest), X) - y) ** 2))(
+        params)
+    got = gf.parameter_gradients(net, X, y)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        assert rel_err(a, b) <= 1e-10
+    if "weights" in net.train:
+        for a, b in zip(gf.pullback_gradients(net, X, y), ref.weights, strict=True):
+            assert rel_err(a, b) <= 1e-10
+    J = _flat_jacobian(net, X)
+    K_ref = J @ J.T
+    assert rel_err(_flat(gf.collective_kernel(net, X)), K_ref) <= 1e-10
+    assert rel_err(_flat(gf.collective_kernel(net, X, block_size=3)), K_ref) <= 1e-10
+    lk = gf.layer_kernels(net, X)
+    assert rel_err(_flat(lk.total), K_ref) <= 1e-10
+    # Residual flow (I2) and kernel products without K.
+    r = structured_f(net, X) - y
+    _, df = jax.jvp(lambda p: structured_f(eqx.combine(p, rest), X), (params,),
+                    (jax.tree.map(jnp.negative, ref),))
+    assert rel_err(gf.velocities(net, X, y).r, df) <= 1e-10
+    assert rel_err(gf.kernel_matvec(net, X, r), df * -1) <= 1e-10
+    assert gf.verify(net, X, y).ok()
+
+
+@pytest.mark.parametrize("name", ["block", "all"])
+def test_layer_kernels_per_layer_and_float32(getkey, name):
+    net, X, y = build(getkey(), 3, name)
+    params, rest = eqx.partition(net, _spec(net))
+    jac = jax.jacrev(lambda p: structured_f(eqx.combine(p, rest), X))(params)
+    lk = gf.layer_kernels(net, X)
+    for l in range(net.depth):
+        parts = [jac.weights[l].reshape(X.shape[0], -1)]
+        if "gains" in net.train:
+            parts.append(jac.gains[:, l:l + 1])
+        if "skips" in net.train and net.skips[l] is not None:
+            parts.append(jac.skips[l].reshape(-1, 1))
+        J = jnp.concatenate(parts, axis=1)
+        assert rel_err(lk.K[l], J @ J.T) <= 1e-10
+    net32, X32, y32 = build(getkey(), 3, name, dtype=jnp.float32)
+    report = gf.verify(net32, X32, y32)
+    assert report.ok(), str(report)
+    assert report.dtype == "float32"
+
+
+def test_velocities_of_fields_match_jvp(getkey):
+    net, X, y = build(getkey(), 3, "all", out_dim=2)
+    params, rest = eqx.partition(net, _spec(net))
+    grads = gf.parameter_gradients(net, X, y)
+    direction = jax.tree.map(jnp.negative, grads)
+
+    def H_of(p):
+        return gf.collective_state(eqx.combine(p, rest), X, y).H
+
+    _, dH = jax.jvp(H_of, (params,), (direction,))
+    v = gf.velocities(net, X, y)
+    for a, b in zip(v.H, dH, strict=True):
+        assert rel_err(a, b) <= 1e-10
+    # The discrete remainder (I7) is O(η²) for a structured network too.
+    n1 = gf.step_remainder(net, X, y, lr=1e-3).norms()["r"]
+    n2 = gf.step_remainder(net, X, y, lr=5e-4).norms()["r"]
+    assert 3.8 < float(n1 / n2) < 4.2
+
+
+def _off_mask(net):
+    return [float(jnp.abs(jnp.where(m.array, 0.0, w)).max())
+            for w, m in zip(net.weights, net.masks)]
+
+
+def test_masked_weights_stay_masked_under_every_engine(getkey):
+    net, X, y = build(getkey(), 3, "all")
+    assert _off_mask(net) == [0.0, 0.0, 0.0]
+    for opt in (None, optax.adam(1e-2)):
+        traj = gf.simulate(net, X, y, steps=25, lr=0.05, optimizer=opt)
+        assert _off_mask(traj.final) == [0.0, 0.0, 0.0]
+    col = gf.simulate(net, X, y, steps=25, lr=0.05, engine="collective")
+    assert [float(jnp.abs(jnp.where(m.array, 0.0, w)).max())
+            for w, m in zip(col.final.weights.weights, net.masks)] == [0.0, 0.0, 0.0]
+    fw = gf.flow(net, X, y, t1=0.5, lr=0.1, rtol=1e-9, atol=1e-11)
+    assert _off_mask(fw.final) == [0.0, 0.0, 0.0]
+    fc = gf.flow(net, X, y, t1=0.5, lr=0.1, engine="collective", rtol=1e-9, atol=1e-11)
+    assert [float(jnp.abs(jnp.where(m.array, 0.0, w)).max())
+            for w, m in zip(fc.final.weights.weights, net.masks)] == [0.0, 0.0, 0.0]
+    # The weights did move, inside the masks.
+    assert min(float(jnp.abs(a - b).max()) for a, b in zip(net.weights, fw.final.weights)) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["banded", "gains", "skips_trained", "all"])
+def test_collective_engine_equals_gradient_descent(getkey, name):
+    net, X, y = build(getkey(), 3, name)
+    obs = ("r", "kernel_trace", "kernel_eigs")
+    w = gf.simulate(net, X, y, steps=40, lr=0.05, observables=obs)
+    c = gf.simulate(net, X, y, steps=40, lr=0.05, engine="collective", observables=obs)
+    assert rel_err(c.r, w.r) <= 1e-10
+    for key in ("kernel_trace", "kernel_eigs"):
+        assert rel_err(c.observables[key], w.observables[key]) <= 1e-10
+    # Recorded kernel traces are those of the structured kernel.
+    lk = gf.layer_kernels(w.final, X)
+    assert rel_err(w.observables["kernel_trace"][-1], jnp.stack([jnp.trace(k) for k in lk.K])) <= 1e-10
+    # Frozen kernel of a structured network: r(t) = exp(−ηK₀t) r₀ with its own K₀.
+    fk = gf.flow(net, X, y, t1=0.3, lr=0.5, engine="frozen_kernel", observables=("r",),
+                 ts=jnp.array([0.3]))
+    K0 = gf.collective_kernel(net, X)
+    expect = jax.scipy.linalg.expm(-0.5 * 0.3 * K0) @ (net(X) - y)
+    assert rel_err(fk.r[-1], expect) <= 1e-8
+
+
+def test_flows_agree_and_balance_laws_hold(getkey):
+    kd, kn = jax.random.split(getkey())
+    X, y = gf.teacher_student(kd, samples=8, in_dim=4)
+    masks = _masks("block", 4, (8, 8, 6))
+    net = gf.ReLUNet.init(kn, 4, (8, 8, 6), masks=masks, gains=1.0)
+    ts = jnp.array([0.1, 0.2])
+    w = gf.flow(net, X, y, t1=0.2, ts=ts, lr=1.0, rtol=1e-12, atol=1e-12, observables=("r",))
+    c = gf.flow(net, X, y, t1=0.2, ts=ts, lr=1.0, engine="collective", rtol=1e-12, atol=1e-12,
+                observables=("r",))
+    assert rel_err(c.r, w.r) <= 1e-8
+    for b0, b1 in zip(gf.diagnostics.balance(net), gf.diagnostics.balance(w.final)):
+        assert float(jnp.abs(b1 - b0).max()) <= 1e-8 * (1 + float(jnp.abs(b0).max()))
+    g0, g1 = gf.diagnostics.gain_balance(net), gf.diagnostics.gain_balance(w.final)
+    assert float(jnp.abs(g1 - g0).max()) <= 1e-8 * (1 + float(jnp.abs(g0).max()))
+    assert float(jnp.abs(w.final.gains - net.gains).max()) > 1e-4  # the gains did move
+    # A skip path breaks the per-neuron law of the layers it bypasses.
+    skip = gf.ReLUNet.init(kn, 4, (8, 8, 6), skips=[None, 0.5, None])
+    assert [b is None for b in gf.diagnostics.balance(skip)] == [True, True]
+
+
+def test_sweep_with_structure_equals_separate_runs(getkey):
+    X, y = gf.teacher_student(getkey(), samples=8, in_dim=4)
+
+    def structure(d, arch):
+        return dict(masks=_masks("block", d, arch), gains=1.0)
+
+    res = gf.sweep(X, y, widths=(4, 6), depths=(2,), seeds=(0, 1), lrs=(0.05, 0.1), steps=15,
+                   engine="collective", structure=structure, progress=False,
+                   observables=("kernel_trace",))
+    for wi, width in enumerate((4, 6)):
+        for si, seed in enumerate((0, 1)):
+            arch = (width, width)
+            net = gf.ReLUNet.init(jax.random.key(seed), 4, arch, **structure(4, arch))
+            t = gf.simulate(net, X, y, steps=15, lr=0.1, observables=("kernel_trace",))
+            assert rel_err(res.loss[0, wi, si, 1], t.loss) <= 1e-10
+            assert rel_err(res.observables["kernel_trace"][0, wi, si, 1],
+                           t.observables["kernel_trace"]) <= 1e-10
+    skips = gf.sweep(X, y, widths=(4, 6), depths=(2,), seeds=(0,), lrs=(0.05,), steps=5,
+                     structure=dict(skips=0.5), progress=False)  # skip on layer 1 only at width 4
+    assert bool(jnp.all(jnp.isfinite(skips.loss)))
+
+
+def test_jit_and_vmap_over_structured_networks(getkey):
+    masks = _masks("banded", D_IN, (6, 6))
+    keys = jax.random.split(getkey(), 3)
+    nets = jax.vmap(lambda k: gf.ReLUNet.init(k, D_IN, (6, 6), masks=masks, gains=1.0,
+                                              skips=0.3))(keys)
+    X = jax.random.normal(getkey(), (5, D_IN))
+    K = jax.jit(jax.vmap(gf.collective_kernel, in_axes=(0, None)))(nets, X)
+    for i in range(3):
+        one = jax.tree.map(lambda a, i=i: a[i], nets)
+        assert rel_err(K[i], gf.collective_kernel(one, X)) <= 1e-12
+
+
+def test_structure_errors():
+    with pytest.raises(ValueError, match="positively homogeneous"):
+        gf.ReLUNet.init(jax.random.key(0), 3, (4,), activation="tanh")
+    with pytest.raises(ValueError, match="biases"):
+        gf.ReLUNet.init(jax.random.key(0), 3, (4,), bias=True)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        Mask(np.array([[0.5, 1.0]]))
+    with pytest.raises(ValueError, match="masks\\[0\\]"):
+        gf.ReLUNet.init(jax.random.key(0), 3, (4,), masks=[Mask.block_diagonal((4, 4), 2)])
+    with pytest.raises(ValueError, match="equal widths"):
+        gf.ReLUNet.init(jax.random.key(0), 3, (4,), skips=[0.5])
+    with pytest.raises(ValueError, match="no layer|none"):
+        gf.ReLUNet.init(jax.random.key(0), 3, (4, 5), skips=0.5)
+    with pytest.raises(ValueError, match="train"):
+        gf.ReLUNet.init(jax.random.key(0), 3, (4,), train=("weights", "readout"))
+    with pytest.raises(ValueError, match="no gains"):
+        gf.ReLUNet.init(jax.random.key(0), 3, (4,), train=("gains",))
+    net = gf.ReLUNet.init(jax.random.key(0), 3, (4, 4), gains=1.0)
+    X, y = jnp.ones((3, 3)), jnp.ones(3)
+    with pytest.raises(ValueError, match="closures"):
+        gf.simulate(net, X, y, steps=2, lr=0.1, engine="collective", transport=0)
+    with pytest.raises(ValueError, match="structured"):
+        gf.hierarchy_velocities(net, X, y)
+
+
+def test_mask_constructors_and_bicliques():
+    m = Mask.block_diagonal((6, 4), 2)
+    assert m.array.sum() == 12 and len(m.bicliques) == 2
+    b = Mask.banded((8, 8), 1)
+    assert (b.array.sum(1) <= 3).all() and b.array[np.arange(8), np.arange(8)].all()
+    r = Mask.random((10, 7), 0.3, seed=1)
+    assert r.array.any(axis=1).all() and r == Mask.random((10, 7), 0.3, seed=1)
+    for mask in (m, b, r):  # the bicliques tile the mask exactly once
+        cover = np.zeros(mask.shape, int)
+        for rows, cols in mask.bicliques:
+            cover[np.ix_(rows, cols)] += 1
+        assert (cover == mask.array).all()
+    assert hash(m) == hash(Mask(m.array)) and m != b
