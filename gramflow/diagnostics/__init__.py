@@ -16,6 +16,7 @@ from ._fixed_points import (
     velocity_jacobian as velocity_jacobian,
 )
 from ._robustness import (
+    kernel_spectrum as kernel_spectrum,
     DepthScaling as DepthScaling,
     Robustness as Robustness,
     depth_scaling as depth_scaling,
@@ -26,4 +27,12 @@ from ._spectral import (
     Sharpness as Sharpness,
     eigenvalue_sensitivity as eigenvalue_sensitivity,
     sharpness as sharpness,
+)
+from ._study import (
+    METRICS as METRICS,
+    StructureStudy as StructureStudy,
+    corrected_structure as corrected_structure,
+    default_structures as default_structures,
+    pathway_structure as pathway_structure,
+    structure_study as structure_study,
 )

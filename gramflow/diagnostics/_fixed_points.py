@@ -114,6 +114,14 @@ def fixed_point(
                          f"Jacobian (limit {_MAX_PARAMS} parameters); use a smaller network.")
     if tol is None:
         tol = 1e-10 if net.dtype == jnp.float64 else 1e-5
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"`max_steps` must be an int ≥ 0, got {max_steps!r}.")
+    return _fixed_point(net, X, y, float(tol), max_steps, float(r_tol), float(zero_tol))
+
+
+@eqx.filter_jit
+def _fixed_point(net, X, y, tol, max_steps, r_tol, zero_tol):
+    flat0, unravel = jax.flatten_util.ravel_pytree(parameters(net))
 
     def grad_of(v):
         g = parameter_gradients(with_parameters(net, unravel(v)), X, y)

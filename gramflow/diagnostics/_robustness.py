@@ -63,7 +63,11 @@ def robustness(net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"], *,
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"`n` must be a positive int, got {n!r}.")
     key = jax.random.key(0) if key is None else key
+    return _robustness(net, X, y, eps, n, key)
 
+
+@eqx.filter_jit
+def _robustness(net, X, y, eps, n, key):
     def measure(net_, X_):
         f = forward(net_, X_)[-1]
         return 0.5 * jnp.sum((f - y) ** 2), f, flat_kernel(collective_kernel(net_, X_))
@@ -91,6 +95,20 @@ def robustness(net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"], *,
 
     out = jax.vmap(one)(jax.random.split(key, n))
     return Robustness(jnp.asarray(eps, X.dtype), L0, *out)
+
+
+@eqx.filter_jit
+def kernel_spectrum(net: ReLUNet, X: Float[Array, "P d"]):
+    """Eigenvalues of `K` (descending) and the layer shares `tr K_l / tr K` (I2)."""
+    lk = layer_kernels(net, X)
+    tr = jnp.stack([jnp.trace(flat_kernel(K)) for K in lk.K])
+    return jnp.linalg.eigvalsh(flat_kernel(lk.total))[::-1], tr / jnp.sum(tr)
+
+
+def _structure_kwargs(structure, d, arch) -> dict:
+    if structure is None:
+        return {}
+    return structure(d, arch) if callable(structure) else dict(structure)
 
 
 class DepthScaling(eqx.Module):
@@ -149,16 +167,14 @@ def depth_scaling(
     tops, conds, shares, lrs, losses = [], [], [], [], []
     for L in depths:
         arch = (width,) * L
-        kw = {} if structure is None else (structure(d, arch) if callable(structure) else dict(structure))
+        kw = _structure_kwargs(structure, d, arch)
         spectra, share = [], []
         for s in seeds:
             net = ReLUNet.init(jax.random.key(s), d, arch, parametrization=parametrization,
                                dtype=X.dtype, **kw)
-            lk = layer_kernels(net, X)
-            ev = jnp.linalg.eigvalsh(flat_kernel(lk.total))[::-1]
+            ev, sh = kernel_spectrum(net, X)
             spectra.append(ev)
-            tr = jnp.stack([jnp.trace(flat_kernel(K)) for K in lk.K])
-            share.append(jnp.pad(tr / jnp.sum(tr), (0, L_max - L), constant_values=jnp.nan))
+            share.append(jnp.pad(sh, (0, L_max - L), constant_values=jnp.nan))
         spectra = jnp.stack(spectra)
         tops.append(spectra[:, :top_m])
         conds.append(spectra[:, 0] / spectra[:, -1])

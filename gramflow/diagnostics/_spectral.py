@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -57,6 +58,11 @@ def eigenvalue_sensitivity(net: ReLUNet, X: Float[Array, "P d"], *, m: int = 1) 
     X, _ = check_inputs(net, X)
     if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
         raise ValueError(f"`m` must be a positive int, got {m!r}.")
+    return _sensitivity(net, X, m)
+
+
+@eqx.filter_jit
+def _sensitivity(net, X, m):
     diff, rest = eqx.partition(net, _structure_spec(net))
 
     def top(diff, X):
@@ -92,11 +98,19 @@ def sharpness(net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"], *, 
     **Returns:** `Sharpness`.
     """
     X, y = check_inputs(net, X, y)
-    params = parameters(net)
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    n = flat.size
+    n = sum(p.size for p in jax.tree.leaves(parameters(net)))
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
         raise ValueError(f"`k` must be an int in [1, {n}] (the number of parameters), got {k!r}.")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters <= 0:
+        raise ValueError(f"`iters` must be a positive int, got {iters!r}.")
+    key = jax.random.key(0) if key is None else key
+    return _sharpness(net, X, y, k, iters, key)
+
+
+@eqx.filter_jit
+def _sharpness(net, X, y, k, iters, key):
+    flat, unravel = jax.flatten_util.ravel_pytree(parameters(net))
+    n = flat.size
 
     def loss(v):
         f = forward(with_parameters(net, unravel(v)), X)[-1]
@@ -107,7 +121,6 @@ def sharpness(net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"], *, 
     def matmat(V):
         return jax.vmap(lambda v: jax.jvp(grad, (flat,), (v,))[1], in_axes=1, out_axes=1)(V)
 
-    key = jax.random.key(0) if key is None else key
     iters = max(1, min(iters, n // (k + 5)))
     if iters * (k + 5) >= n // 2:
         H = jax.hessian(loss)(flat)
