@@ -130,7 +130,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--datasets", default="teacher,digits",
+                        help="comma-separated: teacher, digits (default both)")
+    parser.add_argument("--skip-cost", action="store_true", help="skip the kernel-cost table")
     args = parser.parse_args(argv)
+    datasets = args.datasets.split(",")
     jax.config.update("jax_enable_x64", True)
     X, y = gf.teacher_student(jax.random.key(0), samples=24 if args.quick else 64, in_dim=8)
     agreement(X[:12], y[:12], width=6, depth=3)
@@ -139,13 +143,16 @@ def main(argv=None):
         study("teacher–student", X, y, depths=(1, 2), width=8, seeds=(0,), steps=20,
               progress=False)
         return 0
-    kernel_cost(P=1024, width=512, depth=3, repeats=5)
+    if not args.skip_cost:
+        kernel_cost(P=512, width=256, depth=3, repeats=5)
     depths, seeds = (1, 2, 3, 4, 5, 6, 7), (0, 1, 2)
-    study("teacher–student", X, y, depths=depths, width=32, seeds=seeds, steps=400,
-          progress=True)
-    Xd, yd = gf._demo.load_digits(samples=128, key=jax.random.key(0))
-    study("digits (0–4 vs 5–9)", Xd, yd, depths=depths, width=32, seeds=seeds, steps=400,
-          progress=True)
+    if "teacher" in datasets:
+        study("teacher–student", X, y, depths=depths, width=32, seeds=seeds, steps=400,
+              progress=True)
+    if "digits" in datasets:
+        Xd, yd = gf.load_digits(samples=128, key=jax.random.key(0))
+        study("digits (0–4 vs 5–9)", Xd, yd, depths=depths, width=32, seeds=seeds, steps=400,
+              progress=True)
     return 0
 
 

@@ -9,6 +9,7 @@ from ._closure import (
     closure_study as closure_study,
 )
 from ._data import teacher_student as teacher_student
+from ._demo import load_digits as load_digits
 from ._discrete import StepRemainder as StepRemainder, step_remainder as step_remainder
 from ._engines import FieldState as FieldState
 from ._kernels import (

@@ -153,20 +153,80 @@ def _biclique_groups(mask: Mask):
     return [(np.stack([r for r, _ in g]), np.stack([c for _, c in g])) for g in groups.values()]
 
 
-_CHUNK_ELEMENTS = 2**24  # bound on the (chunk, P, Q, k, k) intermediates of a masked kernel
+_CHUNK_ELEMENTS = 2**24  # bound on the intermediates of a masked kernel, in elements
+# Cost model of the two forms of a masked kernel, in units of one connection (P² flops of a
+# large matrix product), measured on CPU at P = 512, widths 256 (benchmarks/structure.py): a
+# biclique costs 0.8 (|R| + |C|) for its Grams plus 130 for its (P, P) temporaries (220 in
+# the chunked loop used beyond _UNROLLED_BICLIQUES).
+_BICLIQUE_GRAM, _BICLIQUE_OVERHEAD, _CHUNKED_OVERHEAD = 0.8, 130, 220
+_UNROLLED_BICLIQUES = 32  # up to this many bicliques, one static product each
 
 
 def masked_kernel(mask: Mask, Zi, Di, Zj, Dj):
-    """`Σ_{i,j} M[i,j] Δ_i[μ,·,i] Δ_j[ν,·,i] Z_i[μ,j] Z_j[ν,j]` without per-weight Jacobians:
-    `Σ_b (Z_{C_b} Z'_{C_b}ᵀ) ⊙ (Δ_{R_b} Δ'_{R_b}ᵀ)` over the bicliques of the mask, in chunks
-    of bicliques of equal size. Shape `(P, Q)` or `(P, Q, k, k)`."""
+    """`Σ_{i,j} M[i,j] Δ_i[μ,·,i] Δ_j[ν,·,i] Z_i[μ,j] Z_j[ν,j]` from the fields, no autodiff,
+    in whichever of two exact forms costs less for the (static) mask:
+
+    - Hadamard form: `Σ_b (Z_{C_b} Z'_{C_b}ᵀ) ⊙ (Δ_{R_b} Δ'_{R_b}ᵀ)` over the bicliques of the
+      mask, O(P² Σ_b (|R_b| + |C_b|)) — few large blocks (block-diagonal pathways);
+    - connection form: `Σ_c A_c A'_cᵀ` with one column per connection,
+      `A[μ, (i,j)] = Δ[μ,i] Z[μ,j]`, in chunks of connections, O(P² nnz) as large matrix
+      products — many small blocks (banded, random sparse).
+
+    Shape `(P, Q)` or `(P, Q, k, k)`."""
+    nnz = int(mask.array.sum())
+    nb = len(mask.bicliques)
+    overhead = _BICLIQUE_OVERHEAD if nb <= _UNROLLED_BICLIQUES else _CHUNKED_OVERHEAD
+    cost = sum(_BICLIQUE_GRAM * (len(r) + len(c)) + overhead for r, c in mask.bicliques)
+    if nnz < cost:
+        return _connection_kernel(mask, Zi, Di, Zj, Dj)
+    return _biclique_kernel(mask, Zi, Di, Zj, Dj)
+
+
+def _connection_kernel(mask: Mask, Zi, Di, Zj, Dj):
+    from ._kernels import coactivation
+    from ._state import apply_mask
+
+    rows, cols = np.nonzero(mask.array)
+    P, Q = Zi.shape[0], Zj.shape[0]
+    kk = 1 if Di.ndim == 2 else Di.shape[1]
+    ch = int(max(1, min(rows.size, _CHUNK_ELEMENTS // ((P + Q) * kk))))
+    pad = -rows.size % ch
+    Zi, Zj, Di, Dj = (_pad_unit(x) for x in (Zi, Zj, Di, Dj))
+    rows = np.concatenate([rows, np.full(pad, Di.shape[-1] - 1)]).reshape(-1, ch)
+    cols = np.concatenate([cols, np.full(pad, Zi.shape[-1] - 1)]).reshape(-1, ch)
+
+    def block(r, c):
+        return coactivation(apply_mask(Zi[:, c], Di[..., r]), apply_mask(Zj[:, c], Dj[..., r]))
+
+    if rows.shape[0] == 1:
+        return block(rows[0], cols[0])
+
+    def step(acc, rc):
+        return acc + block(*rc), None
+
+    zero = jnp.zeros((P, Q) + ((kk, kk) if Di.ndim == 3 else ()), Zi.dtype)
+    return jax.lax.scan(step, zero, (jnp.asarray(rows), jnp.asarray(cols)))[0]
+
+
+def _take(x, idx: np.ndarray):
+    """`x[..., idx]` for static indices: a slice when they are contiguous."""
+    if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+        return x[..., int(idx[0]):int(idx[0]) + idx.size]
+    return x[..., idx]
+
+
+def _biclique_kernel(mask: Mask, Zi, Di, Zj, Dj):
     from ._kernels import coactivation, gram, hadamard
 
+    one = jnp.ones((), Zi.dtype)
+    if len(mask.bicliques) <= _UNROLLED_BICLIQUES:
+        return sum(hadamard(one, gram(_take(Zi, c), _take(Zj, c)),
+                            coactivation(_take(Di, r), _take(Dj, r)))
+                   for r, c in mask.bicliques)
     P, Q = Zi.shape[0], Zj.shape[0]
     kk = 1 if Di.ndim == 2 else Di.shape[1] ** 2
     Zi, Zj, Di, Dj = (_pad_unit(x) for x in (Zi, Zj, Di, Dj))
     n_in, n_out = Zi.shape[-1] - 1, Di.shape[-1] - 1
-    one = jnp.ones((), Zi.dtype)
     total = 0
     for rows, cols in _biclique_groups(mask):
         n_b = rows.shape[0]

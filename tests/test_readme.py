@@ -30,6 +30,21 @@ def test_simulate_example_runs():
     assert float(namespace["fields"].loss[-1]) < float(namespace["fields"].loss[0])
 
 
+def test_structure_example_runs():
+    code = _block_after("<!-- example: structure -->", "python")
+    namespace = {}
+    exec(compile(code, "README.md:structure", "exec"), namespace)
+    net, traj = namespace["net"], namespace["traj"]
+    assert float(traj.loss[-1]) < float(traj.loss[0])
+    assert namespace["sens"].gains.shape == (4, 2, 3)
+    assert bool(namespace["fp"].converged)
+    # Masked-out weights have exactly zero gradient.
+    import jax.numpy as jnp
+
+    g = namespace["grads"].weights[1]
+    assert float(jnp.abs(jnp.where(net.masks[1].array, 0.0, g)).max()) == 0.0
+
+
 def test_sweep_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = _block_after("<!-- example: sweep -->", "python")

@@ -293,3 +293,36 @@ def test_mask_constructors_and_bicliques():
             cover[np.ix_(rows, cols)] += 1
         assert (cover == mask.array).all()
     assert hash(m) == hash(Mask(m.array)) and m != b
+
+
+@pytest.mark.parametrize("form", ["connection", "biclique", "biclique_chunked"])
+@pytest.mark.parametrize("out_dim", [None, 2])
+def test_both_forms_of_the_masked_kernel(getkey, monkeypatch, form, out_dim):
+    import gramflow._structure as structure
+
+    # Force one form, and chunks small enough that the scans run several steps.
+    big = 1e9 if form == "connection" else -1e9
+    monkeypatch.setattr(structure, "_BICLIQUE_OVERHEAD", big)
+    monkeypatch.setattr(structure, "_CHUNKED_OVERHEAD", big)
+    monkeypatch.setattr(structure, "_CHUNK_ELEMENTS", 64)
+    if form == "biclique_chunked":
+        monkeypatch.setattr(structure, "_UNROLLED_BICLIQUES", 0)
+    for kind in ("block", "banded", "random"):
+        net, X, y = build(getkey(), 3, kind, out_dim)
+        J = _flat_jacobian(net, X)
+        assert rel_err(_flat(gf.collective_kernel(net, X)), J @ J.T) <= 1e-10
+        assert rel_err(_flat(gf.collective_kernel(net, X, block_size=4)), J @ J.T) <= 1e-10
+
+
+def test_gain_kernel_closed_form(getkey):
+    # Without skip paths f is homogeneous of degree one in each gain, ∂f/∂g_l = f/g_l, so the
+    # gain terms of the kernel are Σ_l f fᵀ / g_l² — an outlier along f that sets λ_max.
+    kn, kx = jax.random.split(getkey())
+    X = jax.random.normal(kx, (9, D_IN))
+    net = gf.ReLUNet.init(kn, D_IN, (6, 7, 5), gains=1.0, train=("gains",))
+    net = eqx.tree_at(lambda n: n.gains, net, jnp.array([0.7, 1.3, 1.1]))
+    f = net(X)
+    expect = sum(jnp.outer(f, f) / g**2 for g in net.gains)
+    assert rel_err(gf.collective_kernel(net, X), expect) <= 1e-12
+    for K_l, g in zip(gf.layer_kernels(net, X).K, net.gains):
+        assert rel_err(K_l, jnp.outer(f, f) / g**2) <= 1e-12
