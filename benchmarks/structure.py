@@ -26,7 +26,6 @@ import warnings
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import gramflow as gf
 from gramflow.diagnostics import default_structures
@@ -56,11 +55,13 @@ def _jjt(net, X):
     return J @ J.T
 
 
-def agreement(X, y, width, depth):
+def agreement(X, y, width, depth, names=None):
     print(f"agreement (P = {X.shape[0]}, widths {(width,) * depth}, float64):")
     print(f"  {'structure':<10} {'kernel vs jacrev':>17} {'collective vs GD':>17}")
     worst = 0.0
     for name, structure in default_structures().items():
+        if names is not None and name not in names:
+            continue
         arch = (width,) * depth
         kw = {} if structure is None else structure(X.shape[1], arch)
         net = gf.ReLUNet.init(jax.random.key(0), X.shape[1], arch, **kw)
@@ -86,7 +87,7 @@ def _median(fn, args, repeats):
     return statistics.median(times)
 
 
-def kernel_cost(P, width, depth, repeats):
+def kernel_cost(P, width, depth, repeats, kinds=None):
     X = jax.random.normal(jax.random.key(1), (P, 16))
     arch = (width,) * depth
     dense = gf.ReLUNet.init(jax.random.key(0), 16, arch)
@@ -94,13 +95,15 @@ def kernel_cost(P, width, depth, repeats):
     print(f"  {'mask':<22} {'density':>7} {'bicliques':>9} {'masked K':>10} {'dense K':>10} "
           f"{'jacrev JJᵀ':>11} {'masked/dense':>12} {'jacrev/masked':>13}")
     t_dense = _median(lambda n, x: gf.collective_kernel(n, x), (dense, X), repeats)
-    kinds = {
+    all_kinds = {
         "block-diagonal 4": lambda s: gf.Mask.block_diagonal(s, 4),
         "block-diagonal 16": lambda s: gf.Mask.block_diagonal(s, 16),
         "banded ±2": lambda s: gf.Mask.banded(s, 2),
         "random 10%": lambda s: gf.Mask.random(s, 0.1, seed=s[0]),
     }
-    for name, make in kinds.items():
+    for name, make in all_kinds.items():
+        if kinds is not None and name not in kinds:
+            continue
         masks = [None] + [make((width, width)) for _ in range(depth - 1)]
         net = gf.ReLUNet.init(jax.random.key(0), 16, arch, masks=masks)
         ok = jnp.linalg.norm(gf.collective_kernel(net, X[:64]) - _jjt(net, X[:64]))
@@ -113,10 +116,10 @@ def kernel_cost(P, width, depth, repeats):
               f"{t_j / t_m:>13.1f}")
 
 
-def study(name, X, y, *, depths, width, seeds, steps, progress):
+def study(name, X, y, *, depths, width, seeds, steps, progress, structures=None):
     t0 = time.perf_counter()
     st = gf.diagnostics.structure_study(X, y, depths=depths, width=width, seeds=seeds,
-                                        steps=steps, progress=progress)
+                                        steps=steps, progress=progress, structures=structures)
     print(f"\n{name}: P = {X.shape[0]}, d = {X.shape[1]}, width {width}, seeds {tuple(seeds)}, "
           f"{steps} GD steps at η = 1/λ_max(K₀), target L ≤ 1e-2 L₀ "
           f"({time.perf_counter() - t0:.0f} s)")
@@ -137,12 +140,15 @@ def main(argv=None):
     datasets = args.datasets.split(",")
     jax.config.update("jax_enable_x64", True)
     X, y = gf.teacher_student(jax.random.key(0), samples=24 if args.quick else 64, in_dim=8)
-    agreement(X[:12], y[:12], width=6, depth=3)
-    if args.quick:
-        kernel_cost(P=64, width=32, depth=2, repeats=3)
-        study("teacher–student", X, y, depths=(1, 2), width=8, seeds=(0,), steps=20,
-              progress=False)
+    if args.quick:  # two structures: every code path, a fraction of the compile time
+        agreement(X[:12], y[:12], width=6, depth=3, names=("plain", "both"))
+        # The two forms of the masked kernel (few large blocks, many small ones).
+        kernel_cost(P=64, width=32, depth=2, repeats=3, kinds=("block-diagonal 4", "random 10%"))
+        both = {"both": default_structures()["both"]}
+        study("teacher–student", X, y, depths=(2,), width=6, seeds=(0,), steps=10,
+              progress=False, structures=both)
         return 0
+    agreement(X[:12], y[:12], width=6, depth=3)
     if not args.skip_cost:
         kernel_cost(P=512, width=256, depth=3, repeats=5)
     depths, seeds = (1, 2, 3, 4, 5, 6, 7), (0, 1, 2)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._kernels import coactivation, gram, hadamard
-from ._structure import effective, local_kernels, local_traces
+from ._structure import effective, local_kernels, local_traces, neuron_balance
 
 #: name -> (shape per record, description); `L` hidden layers, `m` = `top_m`.
 OBSERVABLES = {
@@ -23,6 +23,13 @@ OBSERVABLES = {
     "alignment": ("()", "kernel–target alignment ⟨y, K y⟩ / (‖K‖_F ‖y‖²)"),
     "coactivation_drift": ("(L,)", "‖Q_l(t) − Q_l(0)‖_F / ‖Q_l(0)‖_F"),
     "kernel": ("(P, P) or (P, P, k, k)", "the full kernel K (per-record matrices: memory!)"),
+    "balance_drift": (
+        "(L,)",
+        "max_i |b_i(t) − b_i(0)| of the per-neuron balance laws of layers 1..L−1 "
+        "(gramflow.diagnostics.balance; NaN where a skip path breaks them, and for layer L, "
+        "whose outgoing weights are the fixed readout); needs every weight matrix: "
+        "engine='weights', or a structured network",
+    ),
     "operator_drift": (
         "(n_pairs,)",
         "‖𝔊(t) − 𝔊(0)‖_F / ‖𝔊(0)‖_F per Gram operator, in the order of "
@@ -86,6 +93,31 @@ class Reference(eqx.Module):
     Q: tuple | None
     y: Array
     ops: list | None = None
+    balance: tuple | None = None
+
+
+def _balance_of(view: View):
+    if view.net is not None:
+        return neuron_balance(view.net)
+    if view.weights is None or view.weights[0] is None:
+        raise ValueError(
+            "observable 'balance_drift' needs every weight matrix, but this engine carries "
+            "only W_2..W_L (the collective engine of a plain network never needs W_1): record "
+            "it with engine='weights'."
+        )
+    from ._network import ReLUNet
+
+    net = ReLUNet(view.weights, jnp.zeros(view.weights[-1].shape[:1], view.weights[0].dtype),
+                  jnp.ones(len(view.weights) + 1, view.weights[0].dtype))
+    return neuron_balance(net)
+
+
+def _balance_drift(view: View, ref: Reference):
+    out = []
+    for b, b0 in zip(_balance_of(view), ref.balance):
+        out.append(jnp.nan if b is None else jnp.max(jnp.abs(b - b0)))
+    out.append(jnp.nan)  # the last hidden layer: its outgoing weights are the fixed readout
+    return jnp.stack([jnp.asarray(v, view.r.dtype) for v in out])
 
 
 def _operators_of(view: View, scales):
@@ -105,7 +137,8 @@ def reference(view: View, scales, y, names) -> Reference:
         Q = tuple(coactivation(d) for d in view.Delta)
     if "operator_drift" in names:
         ops = _operators_of(view, scales)
-    return Reference(K=K, Q=Q, y=y, ops=ops)
+    balance = _balance_of(view) if "balance_drift" in names else None
+    return Reference(K=K, Q=Q, y=y, ops=ops, balance=balance)
 
 
 def _kernels_of(view: View, scales):
@@ -129,6 +162,8 @@ def observe(view: View, scales, ref: Reference, names, top_m: int) -> dict[str, 
             out["kernel_trace"] = tr
         if "kernel_share" in names:
             out["kernel_share"] = tr / jnp.sum(tr)
+    if "balance_drift" in names:
+        out["balance_drift"] = _balance_drift(view, ref)
     if "active_fraction" in names:
         out["active_fraction"] = jnp.stack([jnp.mean(d) for d in view.D])
     if "operator_drift" in names:

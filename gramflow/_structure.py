@@ -126,6 +126,22 @@ def effective_change(net: ReLUNet, dparams):
     return tuple(out)
 
 
+def neuron_balance(net: ReLUNet, weights=None) -> tuple:
+    """`‖(W_l ⊙ M_l)[i, :]‖² − ‖(W_{l+1} ⊙ M_{l+1})[:, i]‖²` for the hidden units of layers
+    l = 1..L−1 (`weights` default `net.weights`), `None` for a layer whose law a skip path on
+    layer l or l+1 breaks. See `gramflow.diagnostics.balance`."""
+    weights = net.weights if weights is None else weights
+    skip = [_skip(net, l) is not None for l in range(net.depth)]
+    out = []
+    for l in range(net.depth - 1):
+        if skip[l] or skip[l + 1]:
+            out.append(None)
+            continue
+        w_in, w_out = masked_weight(net, l, weights[l]), masked_weight(net, l + 1, weights[l + 1])
+        out.append(jnp.sum(w_in**2, axis=1) - jnp.sum(w_out**2, axis=0))
+    return tuple(out)
+
+
 # -- kernels -------------------------------------------------------------------------------------
 
 def _outer(u, v):

@@ -22,7 +22,7 @@ from ._simulate import _check_engines, simulate
 
 # Observables with one entry per hidden layer: padded with NaN up to the deepest network.
 _PER_LAYER = {"kernel_trace", "kernel_share", "active_fraction", "coactivation_drift",
-              "layer_kernel_eigs", "field_error"}
+              "balance_drift", "layer_kernel_eigs", "field_error"}
 
 
 class SweepResult(eqx.Module):

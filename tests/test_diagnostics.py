@@ -194,3 +194,24 @@ def test_depth_scaling_records_spectra_and_training():
     t = gf.simulate(net, X, y, steps=30, lr=float(ds.lrs[1]))
     np.testing.assert_allclose(ds.loss[1, 1], t.loss, rtol=1e-10)
     assert np.isnan(ds.kernel_share[0, 0, 1]) and abs(float(np.nansum(ds.kernel_share[1, 0])) - 1) < 1e-12
+
+
+def test_balance_drift_tracked_along_flow_trajectories():
+    kd, kn = jax.random.split(jax.random.key(9))
+    X, y = gf.teacher_student(kd, samples=8, in_dim=4)
+    ts = jnp.linspace(0.0, 0.3, 7)
+    plain = gf.ReLUNet.init(kn, 4, (10, 8, 6))
+    mask = gf.Mask.block_diagonal((8, 10), 2)
+    structured = gf.ReLUNet.init(kn, 4, (10, 8, 6), masks=[None, mask, None], gains=1.0)
+    for net, engine in [(plain, "weights"), (structured, "collective")]:
+        traj = gf.flow(net, X, y, t1=0.3, ts=ts, engine=engine, rtol=1e-12, atol=1e-12,
+                       observables=("balance_drift",))
+        drift = np.asarray(traj.observables["balance_drift"])
+        assert drift.shape == (7, 3) and np.isnan(drift[:, 2]).all()
+        assert np.nanmax(drift) <= 1e-8 and float(traj.loss[-1]) < float(traj.loss[0])
+        # Gradient descent breaks the laws at O(η²) per step, and the record shows it.
+        gd = gf.simulate(net, X, y, steps=30, lr=0.05, observables=("balance_drift",))
+        assert float(np.nanmax(np.asarray(gd.observables["balance_drift"][-1]))) > 1e-9
+    with pytest.raises(ValueError, match="W_1"):
+        gf.simulate(plain, X, y, steps=2, lr=0.1, engine="collective",
+                    observables=("balance_drift",))

@@ -7,7 +7,7 @@ from jaxtyping import Array, Float
 
 from .._checks import check_net
 from .._network import ReLUNet
-from .._structure import masked_weight
+from .._structure import masked_weight, neuron_balance
 
 
 def balance(net: ReLUNet) -> tuple[Float[Array, " N_l"] | None, ...]:
@@ -24,18 +24,14 @@ def balance(net: ReLUNet) -> tuple[Float[Array, " N_l"] | None, ...]:
     `α z` past the rescaled weights and breaks the law for the units of layer l: their entry
     is `None`.
 
-    **Returns:** tuple of `(N_l,)` arrays (or `None`), l = 1..L−1 (empty for L = 1).
+    **Returns:** tuple of `(N_l,)` arrays (or `None`), l = 1..L−1 (empty for L = 1). Along a
+    run, the observable `"balance_drift"` of `simulate` / `flow` records how far each layer's
+    laws have moved from t = 0.
     """
     check_net(net)
-    skip = [False] * net.depth if net.skips is None else [a is not None for a in net.skips]
-    out = []
-    for l in range(net.depth - 1):
-        if skip[l] or skip[l + 1] or "weights" not in net.train:
-            out.append(None)
-            continue
-        w_in, w_out = masked_weight(net, l), masked_weight(net, l + 1)
-        out.append(jnp.sum(w_in**2, axis=1) - jnp.sum(w_out**2, axis=0))
-    return tuple(out)
+    if "weights" not in net.train:
+        return (None,) * (net.depth - 1)
+    return neuron_balance(net)
 
 
 def gain_balance(net: ReLUNet) -> Float[Array, " L"]:
