@@ -55,7 +55,9 @@ class FieldState(eqx.Module):
       where it is read off `H_L` whenever needed.
     - `weights`: `W_2..W_L`, the generators of the Gram operators (I4, I5). `W_1` never
       enters the field dynamics, so for one hidden layer this is `()`: the engine is
-      weight-free (I3).
+      weight-free (I3). For a structured network (`StructuredEngine`): its trained
+      parameters, a `ReLUNet`-shaped pytree with `None` in the fixed leaves (weights, gains,
+      skips), the generators of the effective weights `W̃_l`.
     """
 
     H: tuple[Float[Array, "P N"], ...]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 
@@ -26,6 +27,11 @@ class Mask:
     __slots__ = ("shape", "_bits", "_array", "_bicliques")
 
     def __init__(self, array):
+        if isinstance(array, jax.core.Tracer):
+            raise TypeError(
+                "a Mask is static configuration and needs a concrete array; build masks outside "
+                "`jax.jit` / `jax.vmap` (e.g. with Mask.random(shape, density, seed=...))."
+            )
         a = np.asarray(array)
         if a.ndim != 2:
             raise ValueError(f"a Mask must be 2-D of shape (N_l, N_(l-1)), got shape {a.shape}.")

@@ -154,7 +154,9 @@ def pullback_gradients(
     `E_l = Σ_i r_{·,i} Δ_l[·, i]` (`diag(r) Δ_l` for scalar output), obtained by running the
     pullback recursion once from the top field `s_out r aᵀ` (it is linear in that field).
     With this loss a learning rate η means `W ← W − η ∂L/∂W`; a mean-reduced loss would
-    divide η by P.
+    divide η by P. For a structured network these are the gradients of its raw weights,
+    `g_l s_l M_l ⊙ (E_lᵀ Z_{l-1})` (zero off the mask); `parameter_gradients` adds those of
+    the gains and skip strengths.
 
     **Arguments:** `net`; `X` of shape `(P, d)`; `y` of shape `(P,)` or `(P, k)`.
 

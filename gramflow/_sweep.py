@@ -80,7 +80,9 @@ def _architectures(widths, depths) -> list[list[tuple[int, ...]]]:
 def pad_network(net: ReLUNet, widths: Sequence[int]) -> ReLUNet:
     """Zero-pad the hidden layers of `net` to `widths` (DESIGN.md §4): padded units get zero
     incoming and outgoing weights and zero readout, so they stay exactly inactive
-    (relu'(0) = 0) and every trajectory is unchanged; the scales keep the true widths."""
+    (relu'(0) = 0) and every trajectory is unchanged; the scales keep the true widths. Masks
+    are zero-padded too; gains and skip strengths are kept (a skip path needs the padded layer
+    to stay square)."""
     weights, fan_in = [], net.in_dim
     for W, n in zip(net.weights, widths):
         weights.append(jnp.zeros((n, fan_in), W.dtype).at[: W.shape[0], : W.shape[1]].set(W))
