@@ -35,12 +35,14 @@ def _verify(args) -> int:
         kdata, samples=args.samples, in_dim=args.in_dim, out_dim=args.out_dim, dtype=dtype
     )
     net = gf.ReLUNet.init(knet, args.in_dim, args.widths, out_dim=args.out_dim,
-                          parametrization=args.parametrization, dtype=dtype)
+                          parametrization=args.parametrization, dtype=dtype,
+                          **_structure(args.structure)(args.in_dim, tuple(args.widths)))
     report = gf.verify(net, X, y)
     out = "scalar" if args.out_dim is None else f"k = {args.out_dim}"
     print(
         f"teacher–student task: P = {args.samples}, d = {args.in_dim}, output {out}; "
-        f"student widths {tuple(args.widths)} ({args.parametrization}), seed {args.seed}"
+        f"student widths {tuple(args.widths)} ({args.parametrization}, {args.structure}), "
+        f"seed {args.seed}"
     )
     print(report)
     return 0 if report.ok(args.rtol) else 1
@@ -99,6 +101,20 @@ def _demo(args) -> int:
     return 0
 
 
+STRUCTURES = ("plain", "pathways", "corrected", "both")
+
+
+def _structure(name):
+    """`(d, widths) -> ReLUNet.init keyword arguments` for a named structure
+    (`gramflow.diagnostics.default_structures`)."""
+    from .diagnostics import default_structures
+
+    if name not in STRUCTURES:
+        raise ValueError(f"unknown structure {name!r}; expected one of {STRUCTURES}.")
+    fn = default_structures()[name]
+    return (lambda d, widths: {}) if fn is None else fn
+
+
 def _load_toml(path):
     if path is None:
         return {}
@@ -125,7 +141,7 @@ def _merge(args, defaults: dict) -> dict:
 
 SIMULATE_DEFAULTS = dict(data="teacher", samples=64, depth=2, width=128, parametrization="ntk",
                          steps=500, lr=None, engine="collective", reference="weights",
-                         record_every=10, seed=0, out="gramflow-simulate")
+                         record_every=10, seed=0, out="gramflow-simulate", structure="plain")
 
 
 def _simulate(args) -> int:
@@ -141,8 +157,14 @@ def _simulate(args) -> int:
     X, y = demo.dataset(c["data"], c["samples"], seed=c["seed"])
     widths = (c["width"],) * c["depth"]
     net = gf.ReLUNet.init(jax.random.key(c["seed"] + 1), X.shape[1], widths,
-                          parametrization=c["parametrization"])
-    lr = c["lr"] if c["lr"] is not None else demo.stable_lr(X, (c["depth"],), (c["width"],))
+                          parametrization=c["parametrization"],
+                          **_structure(c["structure"])(X.shape[1], widths))
+    if c["lr"] is not None:
+        lr = c["lr"]
+    elif c["structure"] == "plain":
+        lr = demo.stable_lr(X, (c["depth"],), (c["width"],))
+    else:  # gains put an outlier into K: take the step from this network's own kernel
+        lr = 0.5 / float(np.linalg.eigvalsh(np.asarray(gf.collective_kernel(net, X)))[-1])
     reference = None if c["reference"] in (None, "none", c["engine"]) else c["reference"]
     traj = gf.simulate(net, X, y, steps=c["steps"], lr=lr, engine=c["engine"],
                        record_every=c["record_every"], reference=reference)
@@ -172,7 +194,7 @@ def _simulate(args) -> int:
 SWEEP_DEFAULTS = dict(data="teacher", samples=64, depths=[1, 2], widths=[32, 128],
                       seeds=[0, 1], lrs=[0.05, 0.1], steps=200, engine="weights",
                       parametrization="ntk", record_every=10, out="gramflow-sweep",
-                      max_bytes=None)
+                      max_bytes=None, structure="plain")
 
 
 def _sweep(args) -> int:
@@ -189,7 +211,8 @@ def _sweep(args) -> int:
     res = gf.sweep(X, y, widths=c["widths"], depths=c["depths"], seeds=c["seeds"],
                    lrs=c["lrs"], steps=c["steps"], engine=c["engine"],
                    parametrization=c["parametrization"], record_every=c["record_every"],
-                   out=os.path.join(out, "chunks"), max_bytes=c["max_bytes"])
+                   out=os.path.join(out, "chunks"), max_bytes=c["max_bytes"],
+                   structure=None if c["structure"] == "plain" else _structure(c["structure"]))
     arrays = {"loss": np.asarray(res.loss), "step": np.asarray(res.step),
               "first_nonfinite": np.asarray(res.first_nonfinite)}
     arrays.update({k: np.asarray(v) for k, v in res.observables.items()})
@@ -244,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     v.add_argument("--rtol", type=float, default=None, help="tolerance (default by dtype)")
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--structure", default="plain", choices=STRUCTURES,
+                   help="structured layers: 4 block-diagonal pathways, skip paths + gains, or both "
+                        "(gramflow.diagnostics.default_structures)")
 
     s = sub.add_parser("simulate", help="one training run; flags or --config TOML",
                        description="Gradient descent on one network; writes results.npz, "
@@ -261,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--reference", choices=["weights", "collective", "frozen_kernel", "none"])
     s.add_argument("--record-every", dest="record_every", type=int)
     s.add_argument("--seed", type=int)
+    s.add_argument("--structure", choices=STRUCTURES,
+                   help="structured layers: 4 block-diagonal pathways, skip paths + gains, or both "
+                        "(gramflow.diagnostics.default_structures)")
     s.add_argument("--out")
 
     w = sub.add_parser("sweep", help="a grid of runs; flags or --config TOML",
@@ -279,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--parametrization", choices=["standard", "ntk", "mean_field"])
     w.add_argument("--record-every", dest="record_every", type=int)
     w.add_argument("--max-bytes", dest="max_bytes", type=int)
+    w.add_argument("--structure", choices=STRUCTURES,
+                   help="structured layers: 4 block-diagonal pathways, skip paths + gains, or both "
+                        "(gramflow.diagnostics.default_structures)")
     w.add_argument("--out")
 
     args = parser.parse_args(argv)

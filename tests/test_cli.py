@@ -80,3 +80,16 @@ def test_python_dash_m_help():
     assert proc.returncode == 0
     for word in ("demo", "verify", "simulate", "sweep"):
         assert word in proc.stdout
+
+
+def test_structured_networks_from_the_command_line(tmp_path, capsys):
+    assert main(["verify", "--structure", "both", "--widths", "8", "8", "--samples", "8"]) == 0
+    assert "both" in capsys.readouterr().out
+    out = tmp_path / "sim"
+    assert main(["simulate", "--structure", "corrected", "--depth", "2", "--width", "8",
+                 "--samples", "12", "--steps", "15", "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["closure_error_max"] < 1e-10 and summary["loss_end"] < summary["loss_start"]
+    assert main(["sweep", "--structure", "pathways", "--depths", "2", "--widths", "8",
+                 "--seeds", "0", "--lrs", "0.05", "--steps", "5", "--samples", "10",
+                 "--out", str(tmp_path / "sw")]) == 0
