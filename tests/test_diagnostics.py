@@ -97,6 +97,13 @@ def test_fixed_point_non_interpolating_stable():
     np.testing.assert_allclose(fp.r, [-1.0, 1.0], atol=1e-10)
     np.testing.assert_allclose(fp.eigenvalues, [-2.0], atol=1e-10)
     assert fp.stability == "stable"
+    # Minimizing the loss instead finds the same attractor; a search cut short says so.
+    by_loss = gf.diagnostics.fixed_point(net, X, y, objective="loss")
+    np.testing.assert_allclose(float(by_loss.net.weights[0][0, 0]), 1.0, atol=1e-10)
+    cut = gf.diagnostics.fixed_point(net, X, y, max_steps=0)
+    assert cut.stability == "not converged" and str(cut).startswith("no fixed point reached")
+    with pytest.raises(ValueError, match="objective"):
+        gf.diagnostics.fixed_point(net, X, y, objective="energy")
 
 
 def test_fixed_point_saddle_found_and_classified():

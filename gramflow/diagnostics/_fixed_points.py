@@ -50,14 +50,21 @@ class FixedPoint(eqx.Module):
 
     @property
     def stability(self) -> str:
-        """`"unstable"` (some direction grows), `"stable"` (every direction decays), or
-        `"marginal"` (no growing direction, some zero modes): from concrete values."""
+        """`"unstable"` (some direction grows), `"stable"` (every direction decays),
+        `"marginal"` (no growing direction, some zero modes), or `"not converged"` (the
+        search stopped away from a fixed point, where the eigenvalues say nothing)."""
+        if not bool(self.converged):
+            return "not converged"
         if int(self.n_unstable) > 0:
             return "unstable"
         return "stable" if int(self.n_zero) == 0 else "marginal"
 
     def __str__(self) -> str:
         kind = "interpolating" if bool(self.interpolating) else "non-interpolating"
+        if not bool(self.converged):
+            return (f"no fixed point reached: speed {float(self.speed):.1e} after "
+                    f"{int(self.steps)} steps (loss {float(self.loss):.3e}); raise max_steps, "
+                    "or start closer (e.g. objective='loss' finds the flow's attractors)")
         return (f"{kind} fixed point, {self.stability}: loss {float(self.loss):.3e}, speed "
                 f"{float(self.speed):.1e} ({'converged' if bool(self.converged) else 'NOT converged'}"
                 f" in {int(self.steps)} steps); Jacobian eigenvalues: {int(self.n_unstable)} > 0, "
@@ -90,14 +97,16 @@ def fixed_point(
     max_steps: int = 2000,
     r_tol: float = 1e-6,
     zero_tol: float = 1e-8,
+    objective: str = "velocity",
 ) -> FixedPoint:
     """Find a stationary point of the collective flow starting from `net`, and classify it.
 
-    Minimizes the squared velocity `½ ‖dθ/dt‖² = ½ ‖∇L‖² = ½ rᵀ K r` (I1, I2) over the
-    trained parameters with L-BFGS (`optax.lbfgs`, zoom line search), from `net`, until
-    `‖∇L‖ ≤ tol`. Unlike following the flow, this also finds saddles and other unstable
-    points. It can stall at a local minimum of `‖∇L‖` that is not a fixed point: check
-    `converged`. Then the eigenvalues of the velocity Jacobian `−∇²L` (`velocity_jacobian`)
+    With `objective="velocity"` (default) minimizes the squared velocity
+    `½ ‖dθ/dt‖² = ½ ‖∇L‖² = ½ rᵀ K r` (I1, I2) over the trained parameters with L-BFGS
+    (`optax.lbfgs`, zoom line search), from `net`, until `‖∇L‖ ≤ tol`: unlike following the
+    flow, this also finds saddles and other unstable points, but it can stall at a local
+    minimum of `‖∇L‖` that is not a fixed point (check `converged`). `objective="loss"`
+    minimizes L itself, which finds the flow's attractors (minima) faster and more reliably. Then the eigenvalues of the velocity Jacobian `−∇²L` (`velocity_jacobian`)
     give the stability; everything runs in one compiled loop.
 
     **Arguments:** `net`; `X` `(P, d)`; `y`; `tol` (default `1e-10` for float64, `1e-5` for
@@ -116,11 +125,14 @@ def fixed_point(
         tol = 1e-10 if net.dtype == jnp.float64 else 1e-5
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"`max_steps` must be an int ≥ 0, got {max_steps!r}.")
-    return _fixed_point(net, X, y, float(tol), max_steps, float(r_tol), float(zero_tol))
+    if objective not in ("velocity", "loss"):
+        raise ValueError(f"`objective` must be 'velocity' or 'loss', got {objective!r}.")
+    return _fixed_point(net, X, y, float(tol), max_steps, float(r_tol), float(zero_tol),
+                        objective)
 
 
 @eqx.filter_jit
-def _fixed_point(net, X, y, tol, max_steps, r_tol, zero_tol):
+def _fixed_point(net, X, y, tol, max_steps, r_tol, zero_tol, objective_name):
     flat0, unravel = jax.flatten_util.ravel_pytree(parameters(net))
 
     def grad_of(v):
@@ -128,6 +140,9 @@ def _fixed_point(net, X, y, tol, max_steps, r_tol, zero_tol):
         return jax.flatten_util.ravel_pytree(g)[0]
 
     def objective(v):
+        if objective_name == "loss":
+            r = with_parameters(net, unravel(v))(X) - y
+            return 0.5 * jnp.sum(r**2)
         g = grad_of(v)
         return 0.5 * jnp.sum(g**2)
 
