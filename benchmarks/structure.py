@@ -63,7 +63,7 @@ def agreement(X, y, width, depth, names=None):
         if names is not None and name not in names:
             continue
         arch = (width,) * depth
-        kw = {} if structure is None else structure(X.shape[1], arch)
+        kw = gf._structure.structure_kwargs(structure, X.shape[1], arch)
         net = gf.ReLUNet.init(jax.random.key(0), X.shape[1], arch, **kw)
         K, K_ref = gf.collective_kernel(net, X), _jjt(net, X)
         e_k = float(jnp.linalg.norm(K - K_ref) / jnp.linalg.norm(K_ref))

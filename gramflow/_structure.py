@@ -64,19 +64,34 @@ def effective(net: ReLUNet):
 
 # -- trainable parameters ------------------------------------------------------------------------
 
-def trainable(net: ReLUNet):
-    """Filter spec (a pytree of bools shaped like `net`) of the trained leaves."""
+def trainable(net: ReLUNet, *, every: bool = False):
+    """Filter spec (a pytree of bools shaped like `net`) of the trained leaves, or with
+    `every=True` of the weights and every structure parameter, trained or not."""
+    chosen = ("weights", "gains", "skips") if every else net.train
     spec = jax.tree.map(lambda _: False, net)
     return eqx.tree_at(
         lambda n: (n.weights, n.gains, n.skips),
         spec,
         (
-            tuple(True for _ in net.weights) if "weights" in net.train else spec.weights,
-            True if "gains" in net.train else spec.gains,
-            (tuple(a is not None for a in net.skips) if "skips" in net.train else spec.skips),
+            tuple(True for _ in net.weights) if "weights" in chosen else spec.weights,
+            True if "gains" in chosen and net.gains is not None else spec.gains,
+            (tuple(a is not None for a in net.skips)
+             if "skips" in chosen and net.skips is not None else spec.skips),
         ),
         is_leaf=lambda x: x is None,
     )
+
+
+def structure_kwargs(structure, d: int, widths) -> dict:
+    """`ReLUNet.init` keyword arguments of a structure given as `None`, a dict, or a function
+    `(d, widths) -> dict` (what `sweep`, `depth_scaling` and `structure_study` accept)."""
+    if structure is None:
+        return {}
+    kw = structure(d, tuple(widths)) if callable(structure) else dict(structure)
+    bad = {"key", "in_dim", "widths", "out_dim", "parametrization", "dtype"} & set(kw)
+    if bad:
+        raise ValueError(f"`structure` may not set {sorted(bad)}: the caller sets them.")
+    return kw
 
 
 def parameters(net: ReLUNet):

@@ -19,6 +19,7 @@ from ._checks import check_inputs
 from ._network import PARAMETRIZATIONS, ReLUNet
 from ._observables import validate
 from ._simulate import _check_engines, simulate
+from ._structure import structure_kwargs
 
 # Observables with one entry per hidden layer: padded with NaN up to the deepest network.
 _PER_LAYER = {"kernel_trace", "kernel_share", "active_fraction", "coactivation_drift",
@@ -254,15 +255,6 @@ def sweep(
     lrs_arr = jnp.asarray(lr_values, X.dtype)
     n_configs = len(widths) * len(seeds) * len(lr_values)
 
-    def structure_of(a):
-        if structure is None:
-            return {}
-        kw = structure(d, a) if callable(structure) else dict(structure)
-        bad = {"key", "in_dim", "widths", "out_dim", "parametrization", "dtype"} & set(kw)
-        if bad:
-            raise ValueError(f"`structure` may not set {sorted(bad)}: the sweep sets them.")
-        return kw
-
     seed_keys = jnp.stack([jax.random.key(s) for s in seeds])
     plans, struct_desc = [], []
     for i, L in enumerate(depths):
@@ -278,7 +270,7 @@ def sweep(
         # to the group's largest widths.
         nets, groups = [], {}
         for w, a in enumerate(arch[i]):
-            kw = structure_of(a)
+            kw = structure_kwargs(structure, d, a)
             struct_desc.append(repr(sorted(kw.items())))
             net = jax.vmap(lambda key, a=a, kw=kw: ReLUNet.init(
                 key, d, a, out_dim=out_dim, parametrization=parametrization, dtype=X.dtype,

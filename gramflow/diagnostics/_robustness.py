@@ -15,7 +15,7 @@ from .._kernels import collective_kernel, layer_kernels
 from .._network import ReLUNet
 from .._observables import flat_kernel
 from .._state import forward
-from .._structure import masked_weight
+from .._structure import masked_weight, structure_kwargs
 from .._sweep import sweep
 
 
@@ -105,12 +105,6 @@ def kernel_spectrum(net: ReLUNet, X: Float[Array, "P d"]):
     return jnp.linalg.eigvalsh(flat_kernel(lk.total))[::-1], tr / jnp.sum(tr)
 
 
-def _structure_kwargs(structure, d, arch) -> dict:
-    if structure is None:
-        return {}
-    return structure(d, arch) if callable(structure) else dict(structure)
-
-
 class DepthScaling(eqx.Module):
     """Kernel spectrum, trainability and convergence speed against depth.
 
@@ -167,7 +161,7 @@ def depth_scaling(
     tops, conds, shares, lrs, losses = [], [], [], [], []
     for L in depths:
         arch = (width,) * L
-        kw = _structure_kwargs(structure, d, arch)
+        kw = structure_kwargs(structure, d, arch)
         spectra, share = [], []
         for s in seeds:
             net = ReLUNet.init(jax.random.key(s), d, arch, parametrization=parametrization,

@@ -14,7 +14,7 @@ from .._matvec import block_krylov_eigs
 from .._network import ReLUNet
 from .._observables import flat_kernel
 from .._state import forward
-from .._structure import parameters, with_parameters
+from .._structure import parameters, trainable, with_parameters
 
 
 class Sensitivity(eqx.Module):
@@ -35,17 +35,6 @@ class Sensitivity(eqx.Module):
     skips: tuple | None = None
 
 
-def _structure_spec(net: ReLUNet):
-    """Filter spec selecting the weights and every structure parameter (trained or not)."""
-    spec = jax.tree.map(lambda _: False, net)
-    return eqx.tree_at(
-        lambda n: (n.weights, n.gains, n.skips), spec,
-        (tuple(True for _ in net.weights), None if net.gains is None else True,
-         None if net.skips is None else tuple(a is not None for a in net.skips)),
-        is_leaf=lambda x: x is None,
-    )
-
-
 def eigenvalue_sensitivity(net: ReLUNet, X: Float[Array, "P d"], *, m: int = 1) -> Sensitivity:
     """Spectral sensitivity: derivatives of the top-`m` eigenvalues of `K` and of every layer
     kernel `K_l` (I2; `s_l² G_{l-1} ⊙ Q_l` for a plain layer) with respect to the weights,
@@ -63,7 +52,7 @@ def eigenvalue_sensitivity(net: ReLUNet, X: Float[Array, "P d"], *, m: int = 1) 
 
 @eqx.filter_jit
 def _sensitivity(net, X, m):
-    diff, rest = eqx.partition(net, _structure_spec(net))
+    diff, rest = eqx.partition(net, trainable(net, every=True))
 
     def top(diff, X):
         lk = layer_kernels(eqx.combine(diff, rest), X)

@@ -14,7 +14,8 @@ from .._closure import _progress
 from .._mask import Mask
 from .._network import ReLUNet
 from .._simulate import simulate
-from ._robustness import _structure_kwargs, kernel_spectrum, robustness
+from .._structure import structure_kwargs
+from ._robustness import kernel_spectrum, robustness
 from ._spectral import eigenvalue_sensitivity, sharpness
 
 
@@ -147,7 +148,7 @@ def structure_study(
         structure = structures[name]
         for j, L in enumerate(depths):
             arch = (width,) * L
-            kw = _structure_kwargs(structure, d, arch)
+            kw = structure_kwargs(structure, d, arch)
             nets = [ReLUNet.init(jax.random.key(seed), d, arch, parametrization=parametrization,
                                  dtype=X.dtype, **kw) for seed in seeds]
             spectra = [kernel_spectrum(net, X)[0] for net in nets]
