@@ -115,6 +115,12 @@ def _structure(name):
     return (lambda d, widths: {}) if fn is None else fn
 
 
+def _structure_argument(parser, default=None):
+    parser.add_argument("--structure", default=default, choices=STRUCTURES,
+                        help="structured layers: 4 block-diagonal pathways, skip paths + gains, "
+                             "or both (gramflow.diagnostics.default_structures)")
+
+
 def _load_toml(path):
     if path is None:
         return {}
@@ -267,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     v.add_argument("--rtol", type=float, default=None, help="tolerance (default by dtype)")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--structure", default="plain", choices=STRUCTURES,
-                   help="structured layers: 4 block-diagonal pathways, skip paths + gains, or both "
-                        "(gramflow.diagnostics.default_structures)")
+    _structure_argument(v, default="plain")
 
     s = sub.add_parser("simulate", help="one training run; flags or --config TOML",
                        description="Gradient descent on one network; writes results.npz, "
@@ -287,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--reference", choices=["weights", "collective", "frozen_kernel", "none"])
     s.add_argument("--record-every", dest="record_every", type=int)
     s.add_argument("--seed", type=int)
-    s.add_argument("--structure", choices=STRUCTURES,
-                   help="structured layers: 4 block-diagonal pathways, skip paths + gains, or both "
-                        "(gramflow.diagnostics.default_structures)")
+    _structure_argument(s)
     s.add_argument("--out")
 
     w = sub.add_parser("sweep", help="a grid of runs; flags or --config TOML",
@@ -308,9 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--parametrization", choices=["standard", "ntk", "mean_field"])
     w.add_argument("--record-every", dest="record_every", type=int)
     w.add_argument("--max-bytes", dest="max_bytes", type=int)
-    w.add_argument("--structure", choices=STRUCTURES,
-                   help="structured layers: 4 block-diagonal pathways, skip paths + gains, or both "
-                        "(gramflow.diagnostics.default_structures)")
+    _structure_argument(w)
     w.add_argument("--out")
 
     args = parser.parse_args(argv)

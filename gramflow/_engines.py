@@ -31,11 +31,12 @@ from ._state import (
 )
 from ._structure import (
     effective,
+    local_sources,
     parameter_gradients_from_fields,
     parameters,
     with_parameters,
 )
-from ._velocities import pullback_transport, rates
+from ._velocities import pullback_transport, pushforward, rates
 
 ENGINES = ("weights", "collective", "frozen_kernel")
 
@@ -64,6 +65,11 @@ class FieldState(eqx.Module):
     B: tuple[Float[Array, "P *k N"], ...]
     r: Float[Array, "P *k"] | None
     weights: tuple[Float[Array, "n_out n_in"], ...]
+
+
+def _residual(net: ReLUNet, y, H_L):
+    """`r = s_out relu(H_L) a − y`: the residual is a function of the top field."""
+    return net.scales[-1] * (jax.nn.relu(H_L) @ net.readout) - y
 
 
 def _with_weights(net: ReLUNet, weights) -> ReLUNet:
@@ -150,8 +156,7 @@ class CollectiveEngine(eqx.Module):
         return self.transport is not None or self.frozen
 
     def residual(self, H_L):
-        """`r = s_out relu(H_L) a − y`: the residual is a function of the top field."""
-        return self.net.scales[-1] * (jax.nn.relu(H_L) @ self.net.readout) - self.y
+        return _residual(self.net, self.y, H_L)
 
     def _apply_C(self, E):
         return self.C @ E if self.C is not None else self.X @ (self.X.T @ E)
@@ -295,7 +300,7 @@ class StructuredEngine(eqx.Module):
                           weights=parameters(self.net))
 
     def residual(self, H_L):
-        return self.net.scales[-1] * (jax.nn.relu(H_L) @ self.net.readout) - self.y
+        return _residual(self.net, self.y, H_L)
 
     def view(self, st: FieldState) -> View:
         net = with_parameters(self.net, st.weights)
@@ -325,9 +330,9 @@ class StructuredEngine(eqx.Module):
 
     def rate(self, st: FieldState, lr) -> FieldState:
         v = self.view(st)
-        scales, W = effective(v.net)
-        _, dH, _, E = rates(scales, W, v.Z, v.D, v.Delta, v.r, structure=v.net)
-        dparams = jax.tree.map(jnp.negative, parameter_gradients_from_fields(v.net, v.Z[:-1], E))
+        E = tuple(residual_weighted(v.r, d) for d in v.Delta)
+        V, _, dparams = local_sources(v.net, v.Z[:-1], v.Delta, E, backward=False)
+        dH = pushforward(*effective(v.net), v.D, V)  # (I4) with the effective weights
         rate = FieldState(H=dH, B=(), r=None, weights=dparams)
         return jax.tree.map(lambda a: lr * a, rate)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._kernels import coactivation, gram, hadamard
-from ._structure import effective, local_kernels, local_traces, neuron_balance
+from ._structure import dense_trace, effective, local_kernels, local_traces, neuron_balance
 
 #: name -> (shape per record, description); `L` hidden layers, `m` = `top_m`.
 OBSERVABLES = {
@@ -70,12 +70,7 @@ def flat_kernel(K: Float[Array, "P P *kk"]) -> Float[Array, "Pk Pk"]:
 
 def kernel_traces(scales, Z, Delta) -> Float[Array, " L"]:
     """`tr K_l = s_l² Σ_μ ‖Z_{l-1,μ}‖² ‖Δ_{l,μ}‖²` (summed over outputs), O(P N) per layer."""
-    return jnp.stack(
-        [
-            s**2 * jnp.sum(jnp.sum(z**2, -1) * jnp.sum((d**2).reshape(d.shape[0], -1), -1))
-            for s, z, d in zip(scales[:-1], Z, Delta)
-        ]
-    )
+    return jnp.stack([dense_trace(s, z, d) for s, z, d in zip(scales[:-1], Z, Delta)])
 
 
 def _rel_drift(A, A0):

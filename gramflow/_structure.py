@@ -315,18 +315,24 @@ def local_kernels(net: ReLUNet, Zi, Di, Zj=None, Dj=None) -> tuple:
     return tuple(out)
 
 
+def dense_trace(c, z, d):
+    """`tr(c² G ⊙ Q) = c² Σ_μ ‖z_μ‖² ‖Δ_μ‖²` (summed over outputs), O(P N): the trace of a
+    dense layer's kernel."""
+    return c**2 * jnp.sum(jnp.sum(z**2, -1) * jnp.sum((d**2).reshape(d.shape[0], -1), -1))
+
+
 def local_traces(net: ReLUNet, Z, Delta):
     """`tr K_l` (summed over outputs) for each layer, O(P N_l N_{l-1}) at most, `(L,)`."""
     out = []
     for l, (z, d) in enumerate(zip(Z, Delta)):
-        d2 = (d**2).reshape(d.shape[0], -1, d.shape[-1]).sum(1)  # (P, N_l)
         c = coefficient(net, l)
         tr = 0
         if "weights" in net.train:
             m = _mask(net, l)
             if m is None:
-                tr = tr + c**2 * jnp.sum(jnp.sum(z**2, -1) * jnp.sum(d2, -1))
+                tr = tr + dense_trace(c, z, d)
             else:
+                d2 = (d**2).reshape(d.shape[0], -1, d.shape[-1]).sum(1)  # (P, N_l)
                 tr = tr + c**2 * jnp.sum(d2 * ((z**2) @ jnp.asarray(m.array, z.dtype).T))
         if "gains" in net.train:
             tr = tr + jnp.sum(_unit_sum(d, z @ (net.scales[l] * masked_weight(net, l)).T) ** 2)

@@ -7,6 +7,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import optax
+import optax.tree_utils
 from jaxtyping import Array, Bool, Float, Int
 
 from .._checks import check_inputs
@@ -106,8 +107,9 @@ def fixed_point(
     (`optax.lbfgs`, zoom line search), from `net`, until `‖∇L‖ ≤ tol`: unlike following the
     flow, this also finds saddles and other unstable points, but it can stall at a local
     minimum of `‖∇L‖` that is not a fixed point (check `converged`). `objective="loss"`
-    minimizes L itself, which finds the flow's attractors (minima) faster and more reliably. Then the eigenvalues of the velocity Jacobian `−∇²L` (`velocity_jacobian`)
-    give the stability; everything runs in one compiled loop.
+    minimizes L itself, which finds the flow's attractors (minima) faster and more reliably.
+    Then the eigenvalues of the velocity Jacobian `−∇²L` (`velocity_jacobian`) give the
+    stability; everything runs in one compiled loop.
 
     **Arguments:** `net`; `X` `(P, d)`; `y`; `tol` (default `1e-10` for float64, `1e-5` for
     float32, times `1 + ‖∇L(net)‖`); `max_steps`; `r_tol`: relative residual below which the
@@ -146,21 +148,29 @@ def _fixed_point(net, X, y, tol, max_steps, r_tol, zero_tol, objective_name):
         g = grad_of(v)
         return 0.5 * jnp.sum(g**2)
 
-    scale = 1 + jnp.linalg.norm(grad_of(flat0))
+    speed0 = jnp.linalg.norm(grad_of(flat0))
+    scale = 1 + speed0
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(objective)
 
     def cond(carry):
-        v, _, i = carry
-        return (i < max_steps) & (jnp.linalg.norm(grad_of(v)) > tol * scale)
+        _, _, i, speed = carry
+        return (i < max_steps) & (speed > tol * scale)
 
     def body(carry):
-        v, state, i = carry
+        v, state, i, _ = carry
         value, g = value_and_grad(v, state=state)
         updates, state = opt.update(g, state, v, value=value, grad=g, value_fn=objective)
-        return optax.apply_updates(v, updates), state, i + 1
+        # The line search leaves the objective (and its gradient) at the new point in the
+        # state: the speed ‖∇L‖ is read from there, not recomputed.
+        if objective_name == "loss":
+            speed = jnp.linalg.norm(optax.tree_utils.tree_get(state, "grad"))
+        else:
+            speed = jnp.sqrt(2 * optax.tree_utils.tree_get(state, "value"))
+        return optax.apply_updates(v, updates), state, i + 1, speed
 
-    v, _, steps = jax.lax.while_loop(cond, body, (flat0, opt.init(flat0), jnp.asarray(0)))
+    init = (flat0, opt.init(flat0), jnp.asarray(0), speed0)
+    v, _, steps, _ = jax.lax.while_loop(cond, body, init)
     point = with_parameters(net, unravel(v))
     jac, _ = velocity_jacobian(point, X, y)
     eig = jnp.linalg.eigvalsh(0.5 * (jac + jac.T))[::-1]

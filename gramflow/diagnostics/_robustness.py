@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._checks import check_inputs
 from .._kernels import collective_kernel, layer_kernels
-from .._network import ReLUNet
+from .._network import ReLUNet, _positive_int
 from .._observables import flat_kernel
 from .._state import forward
 from .._structure import masked_weight, structure_kwargs
@@ -60,8 +60,7 @@ def robustness(net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"], *,
     X, y = check_inputs(net, X, y)
     if not np.isfinite(eps) or eps <= 0:
         raise ValueError(f"`eps` must be positive and finite, got {eps!r}.")
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"`n` must be a positive int, got {n!r}.")
+    n = _positive_int("n", n)
     key = jax.random.key(0) if key is None else key
     return _robustness(net, X, y, eps, n, key)
 

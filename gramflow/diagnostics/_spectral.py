@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._checks import check_inputs
 from .._kernels import layer_kernels
 from .._matvec import block_krylov_eigs
-from .._network import ReLUNet
+from .._network import ReLUNet, _positive_int
 from .._observables import flat_kernel
 from .._state import forward
 from .._structure import parameters, trainable, with_parameters
@@ -45,8 +45,7 @@ def eigenvalue_sensitivity(net: ReLUNet, X: Float[Array, "P d"], *, m: int = 1) 
     **Returns:** a `Sensitivity`.
     """
     X, _ = check_inputs(net, X)
-    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
-        raise ValueError(f"`m` must be a positive int, got {m!r}.")
+    m = _positive_int("m", m)
     return _sensitivity(net, X, m)
 
 
@@ -88,10 +87,9 @@ def sharpness(net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"], *, 
     """
     X, y = check_inputs(net, X, y)
     n = sum(p.size for p in jax.tree.leaves(parameters(net)))
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
-        raise ValueError(f"`k` must be an int in [1, {n}] (the number of parameters), got {k!r}.")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters <= 0:
-        raise ValueError(f"`iters` must be a positive int, got {iters!r}.")
+    k, iters = _positive_int("k", k), _positive_int("iters", iters)
+    if k > n:
+        raise ValueError(f"`k` = {k} exceeds the number of trained parameters, {n}.")
     key = jax.random.key(0) if key is None else key
     return _sharpness(net, X, y, k, iters, key)
 
