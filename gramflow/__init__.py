@@ -10,8 +10,19 @@ from ._closure import (
 )
 from ._data import teacher_student as teacher_student
 from ._demo import load_digits as load_digits
+from ._cost import CostModel as CostModel
 from ._discrete import StepRemainder as StepRemainder, step_remainder as step_remainder
-from ._engines import FieldState as FieldState
+from ._engines import (
+    AbstractClosure as AbstractClosure,
+    AbstractEngine as AbstractEngine,
+    Collective as Collective,
+    FieldState as FieldState,
+    FrozenKernel as FrozenKernel,
+    FrozenOperators as FrozenOperators,
+    TruncatedTransport as TruncatedTransport,
+    Weights as Weights,
+    WeightsState as WeightsState,
+)
 from ._kernels import (
     LayerKernels as LayerKernels,
     collective_kernel as collective_kernel,
@@ -22,6 +33,7 @@ from ._matvec import (
     kernel_eigs as kernel_eigs,
     kernel_matvec as kernel_matvec,
 )
+from ._layer import Layer as Layer, LayerParams as LayerParams
 from ._mask import Mask as Mask
 from ._network import ReLUNet as ReLUNet
 from ._state import (
@@ -40,7 +52,12 @@ from ._operators import (
     pullback_operators as pullback_operators,
     pushforward_operators as pushforward_operators,
 )
-from ._simulate import Trajectory as Trajectory, flow as flow, simulate as simulate
+from ._simulate import (
+    Trajectory as Trajectory,
+    default_controller as default_controller,
+    flow as flow,
+    simulate as simulate,
+)
 from ._sweep import SweepResult as SweepResult, pad_network as pad_network, sweep as sweep
 from ._velocities import Velocities as Velocities, velocities as velocities
 from ._verify import VerificationReport as VerificationReport, verify as verify

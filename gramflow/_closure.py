@@ -9,25 +9,29 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from ._engines import Collective, FrozenKernel, FrozenOperators, TruncatedTransport, Weights
+from ._progress import progress_bar
+
 
 #: name -> what it keeps (DESIGN.md §3). `full_transport` keeps every term of the flow but
 #: steps it by Euler, so its error is what the discretization and sliding cost.
 CLOSURES = {
-    "layer_local": "collective engine, transport=0: the k = l terms of (I4)/(I5) only",
-    "frozen_operators": "collective engine, Gram operators frozen at t = 0",
-    "frozen_kernel": "r_n = (I − ηK₀)^n r₀: the lazy / NTK limit",
-    "full_transport": "collective engine, transport=L−1: all terms, Euler steps of the flow",
+    "layer_local": "Collective(closure=TruncatedTransport(0)): the k = l terms of (I4)/(I5) only",
+    "frozen_operators": "Collective(closure=FrozenOperators()): Gram operators frozen at t = 0",
+    "frozen_kernel": "FrozenKernel(): r_n = (I − ηK₀)^n r₀, the lazy / NTK limit",
+    "full_transport": "Collective(closure=TruncatedTransport(L−1)): all terms, Euler steps of "
+                      "the flow",
 }
 
 
-def _options(name: str, depth: int) -> dict:
-    """The `simulate` / `sweep` options of a closure at depth L."""
+def closure_engine(name: str, depth: int):
+    """The engine object of a named closure at depth L (`CLOSURES`)."""
     return {
-        "layer_local": dict(engine="collective", transport=0),
-        "frozen_operators": dict(engine="collective", operators="frozen"),
-        "frozen_kernel": dict(engine="frozen_kernel"),
-        "full_transport": dict(engine="collective", transport=depth - 1),
-    }[name]
+        "layer_local": lambda: Collective(closure=TruncatedTransport(0)),
+        "frozen_operators": lambda: Collective(closure=FrozenOperators()),
+        "frozen_kernel": FrozenKernel,
+        "full_transport": lambda: Collective(closure=TruncatedTransport(depth - 1)),
+    }[name]()
 
 
 class ClosureStudy(eqx.Module):
@@ -86,7 +90,7 @@ def closure_study(
         raise ValueError(f"unknown closure(s) {unknown}; choose from {list(CLOSURES)}.")
     from ._sweep import sweep
 
-    bar = _progress(len(depths) * (len(closures) + exact_loss), progress)
+    bar = progress_bar(len(depths) * (len(closures) + exact_loss), progress, desc="closure runs")
     errors, losses, step = [], [], None
     for L in depths:
         grid = dict(widths=widths, depths=(L,), seeds=seeds, lrs=(lr,), steps=steps,
@@ -94,7 +98,7 @@ def closure_study(
                     observables=("loss",), progress=False)
         per_closure = []
         for name in closures:
-            res = sweep(X, y, reference="weights", **grid, **_options(name, L))
+            res = sweep(X, y, reference=Weights(), engine=closure_engine(name, L), **grid)
             per_closure.append(np.asarray(res.observables["closure_error"])[0, :, :, 0])
             bar.update(1)
         errors.append(np.stack(per_closure))
@@ -114,21 +118,3 @@ def closure_study(
         widths=tuple(widths),
         seeds=tuple(seeds),
     )
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool, *, desc: str = "closure runs", unit: str = "run"):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with the `examples` extra
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit=unit)

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._network import ReLUNet
-from ._state import forward
+from ._network import ReLUNet, forward
 
 
 def teacher_student(

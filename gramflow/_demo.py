@@ -12,6 +12,7 @@ import numpy as np
 
 from ._closure import CLOSURES, closure_study
 from ._data import teacher_student
+from ._engines import Collective, Weights
 from ._kernels import collective_kernel
 from ._network import ReLUNet
 from ._sweep import sweep
@@ -73,7 +74,7 @@ def run_dataset(name, X, y, cfg, *, progress=True):
     record_every = max(1, steps // 10)
     t0 = time.perf_counter()
     runs = sweep(X, y, widths=widths, depths=depths, seeds=cfg["seeds"], lrs=(lr,), steps=steps,
-                 record_every=record_every, engine="collective", reference="weights",
+                 record_every=record_every, engine=Collective(), reference=Weights(),
                  observables=("loss", "kernel_share", "kernel_drift", "kernel_eigs"),
                  top_m=X.shape[0], progress=progress)
     closures = closure_study(X, y, depths=depths, widths=widths, seeds=cfg["seeds"],

@@ -10,9 +10,9 @@ from jaxtyping import Array, Float
 
 from ._checks import check_inputs
 from ._network import ReLUNet
+from ._network import parameters, with_parameters
 from ._simulate import _check_lr
 from ._state import collective_state, parameter_gradients
-from ._structure import parameters, with_parameters
 from ._velocities import Velocities, velocities
 
 

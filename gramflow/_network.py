@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._layer import TRAINABLE, Layer, LayerParams
 from ._mask import Mask
 
 PARAMETRIZATIONS = ("standard", "ntk", "mean_field")
-TRAINABLE = ("weights", "gains", "skips")
 
 
 def _scales(parametrization: str, in_dim: int, widths: Sequence[int]) -> list[float]:
@@ -202,11 +202,20 @@ class ReLUNet(eqx.Module):
                 raise ValueError(f"`train` includes {name!r} but the network has no {name}.")
 
     @property
-    def structured(self) -> bool:
-        """Whether any layer has a mask, a gain or a skip path, or anything but the weights
-        is trained."""
-        return (self.masks is not None or self.gains is not None or self.skips is not None
-                or self.train != ("weights",))
+    def layers(self) -> tuple[Layer, ...]:
+        """The hidden layers as `Layer` objects (`W̃_l = g_l s_l (W_l ⊙ M_l) + α_l I`), the
+        unit every gramflow function computes with; a dense layer is the trivial case."""
+        out = []
+        for l, W in enumerate(self.weights):
+            gain = None if self.gains is None else self.gains[l]
+            skip = None if self.skips is None else self.skips[l]
+            train = tuple(t for t, present in (("weights", True), ("gains", gain is not None),
+                                               ("skips", skip is not None))
+                          if t in self.train and present)
+            out.append(Layer(weight=W, scale=self.scales[l], gain=gain, skip=skip,
+                             mask=None if self.masks is None else self.masks[l],
+                             train=train, shape=tuple(W.shape[-2:])))
+        return tuple(out)
 
     @classmethod
     def init(
@@ -346,12 +355,112 @@ class ReLUNet(eqx.Module):
         return self.readout.dtype
 
     def __call__(self, X: Float[Array, "P d"]) -> Float[Array, "P *k"]:
-        """Network output `f = s_out Z_L a`, shape `(P,)` or `(P, k)`."""
-        from ._checks import check_inputs
-        from ._state import forward
-
-        X, _ = check_inputs(self, X)
+        """Network output `f = s_out Z_L a`, shape `(P,)` or `(P, k)`; a single sample `x` of
+        shape `(d,)` gives `f(x)` of shape `()` or `(k,)`, as equinox models do."""
+        X = jnp.asarray(X)
+        if X.ndim not in (1, 2) or X.shape[-1] != self.in_dim:
+            raise ValueError(f"`X` must have shape (P, {self.in_dim}) or ({self.in_dim},), "
+                             f"got {X.shape}.")
+        if X.ndim == 1:
+            return forward(self, X[None])[-1][0]
         return forward(self, X)[-1]
+
+
+def forward(net: ReLUNet, X: Float[Array, "P d"]):
+    """Forward pass through the effective weights. Returns `(H, Z, f)`: tuples `H_1..H_L`,
+    `Z_0 = X, Z_1..Z_L`, and `f = s_out Z_L a`."""
+    H, Z = [], [X]
+    for layer in net.layers:
+        H.append(Z[-1] @ layer.effective().T)
+        Z.append(jax.nn.relu(H[-1]))
+    return tuple(H), tuple(Z), net.scales[-1] * (Z[-1] @ net.readout)
+
+
+# -- trained parameters ----------------------------------------------------------------------------
+
+def trainable(net: ReLUNet, *, every: bool = False):
+    """Filter spec (a pytree of bools shaped like `net`) of the trained leaves, or with
+    `every=True` of the weights and every structure parameter, trained or not."""
+    chosen = TRAINABLE if every else net.train
+    spec = jax.tree.map(lambda _: False, net)
+    return eqx.tree_at(
+        lambda n: (n.weights, n.gains, n.skips),
+        spec,
+        (
+            tuple(True for _ in net.weights) if "weights" in chosen else spec.weights,
+            True if "gains" in chosen and net.gains is not None else spec.gains,
+            (tuple(a is not None for a in net.skips)
+             if "skips" in chosen and net.skips is not None else spec.skips),
+        ),
+        is_leaf=lambda x: x is None,
+    )
+
+
+def parameters(net: ReLUNet):
+    """The trained part of `net` (a `ReLUNet` with `None` for every fixed leaf)."""
+    return eqx.filter(net, trainable(net))
+
+
+def with_parameters(net: ReLUNet, params) -> ReLUNet:
+    """`net` with its trained leaves replaced by those of `params`."""
+    return eqx.combine(params, eqx.filter(net, trainable(net), inverse=True))
+
+
+def from_layer_params(net: ReLUNet, per_layer: Sequence[LayerParams]):
+    """Per-layer `LayerParams` (values, gradients, changes) gathered into the layout of
+    `parameters(net)`."""
+    out = jax.tree.map(lambda _: None, parameters(net))
+    if "weights" in net.train:
+        out = eqx.tree_at(lambda g: g.weights, out, tuple(p.weight for p in per_layer),
+                          is_leaf=lambda x: x is None)
+    if "gains" in net.train and net.gains is not None:
+        out = eqx.tree_at(lambda g: g.gains, out, jnp.stack([p.gain for p in per_layer]),
+                          is_leaf=lambda x: x is None)
+    if "skips" in net.train and net.skips is not None:
+        out = eqx.tree_at(lambda g: g.skips, out, tuple(p.skip for p in per_layer),
+                          is_leaf=lambda x: x is None)
+    return out
+
+
+def to_layer_params(net: ReLUNet, params) -> tuple[LayerParams, ...]:
+    """The inverse of `from_layer_params`: a `parameters(net)`-shaped pytree split per layer."""
+    out = []
+    for l, layer in enumerate(net.layers):
+        out.append(LayerParams(
+            weight=params.weights[l] if "weights" in layer.train else None,
+            gain=params.gains[l] if "gains" in layer.train else None,
+            skip=params.skips[l] if "skips" in layer.train else None,
+        ))
+    return tuple(out)
+
+
+def structure_kwargs(structure, d: int, widths) -> dict:
+    """`ReLUNet.init` keyword arguments of a structure given as `None`, a dict, or a function
+    `(d, widths) -> dict` (what `sweep`, `depth_scaling` and `structure_study` accept)."""
+    if structure is None:
+        return {}
+    kw = structure(d, tuple(widths)) if callable(structure) else dict(structure)
+    bad = {"key", "in_dim", "widths", "out_dim", "parametrization", "dtype"} & set(kw)
+    if bad:
+        raise ValueError(f"`structure` may not set {sorted(bad)}: the caller sets them.")
+    return kw
+
+
+def neuron_balance(net: ReLUNet, weights=None) -> tuple:
+    """`‖(W_l ⊙ M_l)[i, :]‖² − ‖(W_{l+1} ⊙ M_{l+1})[:, i]‖²` for the hidden units of layers
+    l = 1..L−1 (`weights` default `net.weights`), `None` for a layer whose law a skip path on
+    layer l or l+1 breaks. See `gramflow.diagnostics.balance`."""
+    weights = net.weights if weights is None else weights
+    layers = net.layers
+    out = []
+    for l in range(net.depth - 1):
+        if layers[l].skip is not None or layers[l + 1].skip is not None:
+            out.append(None)
+            continue
+        w_in = layers[l].masked(weights[l])
+        w_out = layers[l + 1].masked(weights[l + 1])
+        out.append(jnp.sum(w_in**2, axis=1) - jnp.sum(w_out**2, axis=0))
+    return tuple(out)
 
 
 def _positive_int(name: str, value) -> int:

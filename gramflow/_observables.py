@@ -6,8 +6,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._kernels import coactivation, gram, hadamard
-from ._structure import dense_trace, effective, local_kernels, local_traces, neuron_balance
+from ._algebra import coactivation, flat_kernel
+from ._network import neuron_balance
 
 #: name -> (shape per record, description); `L` hidden layers, `m` = `top_m`.
 OBSERVABLES = {
@@ -46,31 +46,20 @@ FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
 
 class View(eqx.Module):
     """The fields an observable may read; `H`, `Z`, `D`, `Delta` are `None` for engines that
-    carry only the residual. `weights` are the operator generators (`W_1` may be `None`);
-    for a structured network they are the effective weights `W̃_l` and `net` is the current
-    network, from which the structure-aware kernels are computed."""
+    carry only the residual. `layers` are the current `Layer`s (their local kernels; the
+    first may hold no weight matrix, see the collective engine), `weights` the effective
+    weights generating the Gram operators (`W̃_1` may be `None`), `op_masks` the masks
+    generating them if not `D`, and `net` the current network when the engine has it whole."""
 
     r: Float[Array, "P *k"]
     H: tuple | None = None
     Z: tuple | None = None
     D: tuple | None = None
     Delta: tuple | None = None
+    layers: tuple | None = None
     weights: tuple | None = None
-    op_masks: tuple | None = None  # masks generating the Gram operators, if not `D`
-    net: eqx.Module | None = None  # the current structured network, if any
-
-
-def flat_kernel(K: Float[Array, "P P *kk"]) -> Float[Array, "Pk Pk"]:
-    """`(P, P, k, k)` → `(P·k, P·k)` with row index `μ·k + i`, matching `r.reshape(-1)`."""
-    if K.ndim == 2:
-        return K
-    P, k = K.shape[0], K.shape[2]
-    return K.transpose(0, 2, 1, 3).reshape(P * k, P * k)
-
-
-def kernel_traces(scales, Z, Delta) -> Float[Array, " L"]:
-    """`tr K_l = s_l² Σ_μ ‖Z_{l-1,μ}‖² ‖Δ_{l,μ}‖²` (summed over outputs), O(P N) per layer."""
-    return jnp.stack([dense_trace(s, z, d) for s, z, d in zip(scales[:-1], Z, Delta)])
+    op_masks: tuple | None = None
+    net: eqx.Module | None = None
 
 
 def _rel_drift(A, A0):
@@ -92,19 +81,12 @@ class Reference(eqx.Module):
 
 
 def _balance_of(view: View):
-    if view.net is not None:
-        return neuron_balance(view.net)
-    if view.weights is None or view.weights[0] is None:
+    if view.net is None:
         raise ValueError(
-            "observable 'balance_drift' needs every weight matrix, but this engine carries "
-            "only W_2..W_L (the collective engine of a plain network never needs W_1): record "
-            "it with engine='weights'."
+            "observable 'balance_drift' needs every weight matrix, but this engine does not "
+            "carry W_1 (the collective engine never needs it): record it with gf.Weights()."
         )
-    from ._network import ReLUNet
-
-    net = ReLUNet(view.weights, jnp.zeros(view.weights[-1].shape[:1], view.weights[0].dtype),
-                  jnp.ones(len(view.weights) + 1, view.weights[0].dtype))
-    return neuron_balance(net)
+    return neuron_balance(view.net)
 
 
 def _balance_drift(view: View, ref: Reference):
@@ -115,44 +97,38 @@ def _balance_drift(view: View, ref: Reference):
     return jnp.stack([jnp.asarray(v, view.r.dtype) for v in out])
 
 
-def _operators_of(view: View, scales):
+def _operators_of(view: View):
     from ._operators import all_operators
 
     D = view.D if view.op_masks is None else view.op_masks
-    if view.net is not None:
-        scales = effective(view.net)[0]
-    return all_operators(scales, view.weights, D, view.r.shape[0], view.r.dtype)
+    return all_operators(view.weights, D, view.r.shape[0], view.r.dtype)
 
 
-def reference(view: View, scales, y, names) -> Reference:
+def reference(view: View, y, names) -> Reference:
     K, Q, ops = None, None, None
     if {"kernel_drift"} & set(names):
-        K = _kernels_of(view, scales)[1]
+        K = _kernels_of(view)[1]
     if "coactivation_drift" in names:
         Q = tuple(coactivation(d) for d in view.Delta)
     if "operator_drift" in names:
-        ops = _operators_of(view, scales)
+        ops = _operators_of(view)
     balance = _balance_of(view) if "balance_drift" in names else None
     return Reference(K=K, Q=Q, y=y, ops=ops, balance=balance)
 
 
-def _kernels_of(view: View, scales):
-    if view.net is not None:
-        Ks = local_kernels(view.net, view.Z[:-1], view.Delta)
-    else:
-        Ks = tuple(hadamard(s, gram(z), coactivation(d))
-                   for s, z, d in zip(scales[:-1], view.Z, view.Delta))
+def _kernels_of(view: View):
+    Ks = tuple(layer.kernel(z, d) for layer, z, d in zip(view.layers, view.Z, view.Delta))
     return Ks, sum(Ks[1:], Ks[0])
 
 
-def observe(view: View, scales, ref: Reference, names, top_m: int) -> dict[str, Array]:
+def observe(view: View, ref: Reference, names, top_m: int) -> dict[str, Array]:
     """Evaluate the observables `names` (keys of `OBSERVABLES`) on one view."""
     out = {"loss": 0.5 * jnp.sum(view.r**2)}
     if "r" in names:
         out["r"] = view.r
     if {"kernel_trace", "kernel_share"} & set(names):
-        tr = (kernel_traces(scales, view.Z, view.Delta) if view.net is None
-              else local_traces(view.net, view.Z[:-1], view.Delta))
+        tr = jnp.stack([layer.trace(z, d)
+                        for layer, z, d in zip(view.layers, view.Z, view.Delta)])
         if "kernel_trace" in names:
             out["kernel_trace"] = tr
         if "kernel_share" in names:
@@ -162,11 +138,11 @@ def observe(view: View, scales, ref: Reference, names, top_m: int) -> dict[str, 
     if "active_fraction" in names:
         out["active_fraction"] = jnp.stack([jnp.mean(d) for d in view.D])
     if "operator_drift" in names:
-        ops = _operators_of(view, scales)
+        ops = _operators_of(view)
         drifts = [_rel_drift(op, op0) for op, op0 in zip(ops, ref.ops)]
         out["operator_drift"] = jnp.stack(drifts) if drifts else jnp.zeros((0,), view.r.dtype)
     if _NEEDS_KERNEL & set(names):
-        Ks, K = _kernels_of(view, scales)
+        Ks, K = _kernels_of(view)
         if "kernel" in names:
             out["kernel"] = K
         if {"kernel_eigs", "condition_number"} & set(names):
@@ -200,10 +176,11 @@ def closure_errors(view: View, ref_view: View) -> dict[str, Array]:
     return out
 
 
-def validate(names, *, engine: str, top_m: int) -> tuple[str, ...]:
-    """Normalize `observables` (`None`: the engine's cheap defaults) and check it."""
+def validate(names, *, fields: bool, top_m: int) -> tuple[str, ...]:
+    """Normalize `observables` (`None`: the engine's cheap defaults) and check it; `fields`
+    says whether the engine carries fields (`FrozenKernel` carries only r)."""
     if names is None:
-        names = FIELD_FREE if engine == "frozen_kernel" else DEFAULT_OBSERVABLES
+        names = DEFAULT_OBSERVABLES if fields else FIELD_FREE
     if isinstance(names, str):
         names = (names,)
     names = tuple(dict.fromkeys(("loss", *names)))
@@ -212,12 +189,12 @@ def validate(names, *, engine: str, top_m: int) -> tuple[str, ...]:
         raise ValueError(
             f"unknown observable(s) {unknown} in `observables`; choose from {sorted(OBSERVABLES)}."
         )
-    if engine == "frozen_kernel":
+    if not fields:
         extra = [n for n in names if n not in FIELD_FREE]
         if extra:
             raise ValueError(
-                f"engine 'frozen_kernel' carries only the residual r, so it cannot record "
-                f"{extra}; record {FIELD_FREE}, or use engine='collective' or 'weights'."
+                f"this engine (FrozenKernel) carries only the residual r, so it cannot record "
+                f"{extra}; record {FIELD_FREE}, or use gramflow.Collective() or Weights()."
             )
     if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m <= 0:
         raise ValueError(f"`top_m` must be a positive int, got {top_m!r}.")

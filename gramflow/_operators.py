@@ -10,12 +10,13 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+import jax
+
+from ._algebra import residual_weighted
 from ._checks import check_inputs
-from ._kernels import apply_kernel, gram, layer_kernels
 from ._network import ReLUNet
-from ._state import fields, residual_weighted
-from ._structure import effective
-from ._velocities import Velocities
+from ._state import effective_weights, fields
+from ._velocities import Velocities, residual_rate
 
 DEFAULT_MAX_BYTES = 2**30
 
@@ -33,34 +34,49 @@ def _check_size(net: ReLUNet, P: int, pairs, what: str, max_bytes: int | None) -
         )
 
 
-def _sandwich(s, W_out, D_mu, op, D_nu, W_in):
-    """`s² W_out D_μ op_{μν} D_ν W_in` for all sample pairs: (P, P, n, n) → (P, P, m, m)."""
+def _sandwich(W_out, D_mu, op, D_nu, W_in):
+    """`W_out D_μ op_{μν} D_ν W_inᵀ` for all sample pairs: (P, P, n, n) → (P, P, m, m)."""
     masked = D_mu[:, None, :, None] * op * D_nu[None, :, None, :]
-    return s**2 * jnp.einsum("ia,mnab,jb->mnij", W_out, masked, W_in)
+    return jnp.einsum("ia,mnab,jb->mnij", W_out, masked, W_in)
 
 
-def _pushforward(scales, weights, D, P, dtype):
-    """The recursion of (I4) from masks and generators (`W_2..W_L` used)."""
+def _push_up(weights, D, op, k, l):
+    """`𝔊^{k→l}`-style transport of an operator on layer k up to layer l (I4): the forward
+    recursion `op ↦ W̃_m D_{m-1,μ} op D_{m-1,ν} W̃_mᵀ`, m = k+1..l (1-based layers)."""
+    for m in range(k + 1, l + 1):
+        op = _sandwich(weights[m - 1], D[m - 2], op, D[m - 2], weights[m - 1])
+    return op
+
+
+def _pull_down(weights, D, op, k, l):
+    """`𝔐^{k→l}`-style transport of an operator on layer k down to layer l (I5): the backward
+    recursion `op ↦ W̃_{m+1}ᵀ D_{m+1,ν} op D_{m+1,μ} W̃_{m+1}`, m = k−1..l."""
+    for m in range(k - 1, l - 1, -1):
+        W = weights[m]  # W̃_{m+1}
+        op = _sandwich(W.T, D[m], op, D[m], W.T)
+    return op
+
+
+def _pushforward(weights, D, P, dtype):
+    """The recursion of (I4) from masks and effective weights (`W̃_2..W̃_L` used)."""
     ops, L = {}, len(D)
     for k in range(1, L):
         n = D[k - 1].shape[-1]
         op = jnp.broadcast_to(jnp.eye(n, dtype=dtype), (P, P, n, n))
         for l in range(k + 1, L + 1):
-            W = weights[l - 1]
-            op = _sandwich(scales[l - 1], W, D[l - 2], op, D[l - 2], W)
+            op = _push_up(weights, D, op, l - 1, l)
             ops[(k, l)] = op
     return ops
 
 
-def _pullback(scales, weights, D, P, dtype):
-    """The recursion of (I5) from masks and generators (`W_2..W_L` used)."""
+def _pullback(weights, D, P, dtype):
+    """The recursion of (I5) from masks and effective weights (`W̃_2..W̃_L` used)."""
     ops, L = {}, len(D)
     for k in range(2, L):
         n = D[k - 1].shape[-1]
         op = jnp.broadcast_to(jnp.eye(n, dtype=dtype), (P, P, n, n))
         for l in range(k - 1, 0, -1):
-            W = weights[l]  # W_{l+1}
-            op = _sandwich(scales[l], W.T, D[l], op, D[l], W.T)
+            op = _pull_down(weights, D, op, l + 1, l)
             ops[(k, l)] = op
     return ops
 
@@ -73,10 +89,9 @@ def operator_pairs(depth: int) -> tuple[tuple[str, int, int], ...]:
     return tuple(push + pull)
 
 
-def all_operators(scales, weights, D, P, dtype) -> list:
+def all_operators(weights, D, P, dtype) -> list:
     """Every operator of the hierarchy, in the order of `operator_pairs`."""
-    return [*_pushforward(scales, weights, D, P, dtype).values(),
-            *_pullback(scales, weights, D, P, dtype).values()]
+    return [*_pushforward(weights, D, P, dtype).values(), *_pullback(weights, D, P, dtype).values()]
 
 
 def operator_bytes(net: ReLUNet, P: int) -> int:
@@ -103,7 +118,7 @@ def pushforward_operators(
     pairs = [(k, l) for _, k, l in operator_pairs(L) if k < l]
     _check_size(net, P, pairs, "pushforward_operators", max_bytes)
     _, _, D, _, _, _ = fields(net, X)
-    return _pushforward(*effective(net), D, P, X.dtype)
+    return _pushforward(effective_weights(net), D, P, X.dtype)
 
 
 def pullback_operators(
@@ -124,7 +139,7 @@ def pullback_operators(
     pairs = [(k, l) for _, k, l in operator_pairs(L) if k > l]
     _check_size(net, P, pairs, "pullback_operators", max_bytes)
     _, _, D, _, _, _ = fields(net, X)
-    return _pullback(*effective(net), D, P, X.dtype)
+    return _pullback(effective_weights(net), D, P, X.dtype)
 
 
 def block_operator(op: Float[Array, "P P N N"]) -> Float[Array, "PN PN"]:
@@ -169,47 +184,54 @@ def hierarchy_velocities(
     net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"], *,
     max_bytes: int | None = None,
 ) -> Velocities:
-    """The velocities of `velocities`, computed from the materialized operators by the
-    formulas of (I4) and (I5) as written (η = 1), for small problems:
+    """The velocities of `velocities`, computed from materialized operators by the formulas of
+    (I4) and (I5) as written (η = 1), for small problems:
 
-        dH_{l,μ} = −Σ_{k≤l} s_k² Σ_ν G_{k-1}[ν,μ] 𝔊^{k→l}_{μν} E_{l,ν}
-        dB_{l,μ} = −Σ_{l≤k<L} s_{k+1}² Σ_ν (Δ_{k+1,μ} · E_{k+1,ν}) Z_{l,ν} 𝔐^{k→l}_{νμ}
+        dH_{l,μ} = −Σ_{k≤l} Σ_ν [J^h_{l←k,μ} κ_k[μ,ν] J^h_{l←k,ν}ᵀ] E_{l,ν}
+        dB_{l,μ} = −Σ_{l≤k<L} Σ_ν Z_{l,ν}ᵀ [J^z_{k←l,ν}ᵀ λ_{k+1}[ν,μ] J^z_{k←l,μ}]
 
-    with `E_l = Σ_i r_i Δ_l[i]` (`r_ν Δ_{l,ν}` for scalar output). Agreement with the
-    matrix-free `velocities` is the check of (I6).
+    with `E_l = Σ_i r_i Δ_l[i]`, the brackets built by the recursions of `𝔊^{k→l}` and
+    `𝔐^{k→l}` started from each layer's local operators (`Layer.forward_operator`,
+    `Layer.backward_operator`). For a dense layer `κ_k = s_k² G_{k-1}[μ,ν] I` and
+    `λ_{k+1} = s_{k+1}² (E_{k+1,ν} · Δ_{k+1,μ}) I`, so the brackets are
+    `s_k² G_{k-1}[μ,ν] 𝔊^{k→l}_{μν}` and `s_{k+1}² (Δ_{k+1,μ} · E_{k+1,ν}) 𝔐^{k→l}_{νμ}` —
+    (I4), (I5) verbatim; masks, gains and skips change only the local operators. Agreement
+    with the matrix-free `velocities` is the check of (I6).
     """
     X, y = check_inputs(net, X, y)
-    if net.structured:
-        raise ValueError(
-            "hierarchy_velocities writes out (I4)/(I5) for plain layers (local terms "
-            "s_k² G_{k-1} E_k); for a structured network use `velocities`, whose local sources "
-            "follow the structure, and `pushforward_operators` / `pullback_operators`, which "
-            "are built from its effective weights."
-        )
     P, L = X.shape[0], net.depth
-    _check_size(net, P, [(k, l) for _, k, l in operator_pairs(L)], "hierarchy_velocities",
-                max_bytes)
+    _check_size(net, P, [(k, l) for _, k, l in operator_pairs(L)] + [(l, l) for l in
+                range(1, L + 1)], "hierarchy_velocities", max_bytes)
     _, Z, D, _, Delta, f = fields(net, X)
     r = f - y
-    G = _pushforward(net.scales, net.weights, D, P, X.dtype)
-    M = _pullback(net.scales, net.weights, D, P, X.dtype)
+    W = effective_weights(net)
     E = tuple(residual_weighted(r, d) for d in Delta)
-    s = net.scales
+    layers = net.layers
+    kappa = [layer.forward_operator(z) for layer, z in zip(layers, Z)]
     dH = []
     for l in range(1, L + 1):
-        total = -(s[l - 1] ** 2) * (gram(Z[l - 1]) @ E[l - 1])  # k = l: 𝔊 = I
-        for k in range(1, l):
-            total -= s[k - 1] ** 2 * jnp.einsum("nm,mnab,nb->ma", gram(Z[k - 1]), G[(k, l)], E[l - 1])
+        total = jnp.zeros_like(E[l - 1])
+        for k in range(1, l + 1):
+            op = _push_up(W, D, kappa[k - 1], k, l)
+            total -= jnp.einsum("mnab,nb->ma", op, E[l - 1])
         dH.append(total)
+    lam = [None, *(layer.backward_operator(e, d) for layer, e, d in zip(layers[1:], E[1:], Delta[1:]))]
     dB = []
     for l in range(1, L + 1):
         total = jnp.zeros_like(Delta[l - 1])
-        for k in range(l, L):
-            c = jnp.einsum("m...a,na->m...n", Delta[k], E[k])  # (Δ_{k+1,μ} · E_{k+1,ν})
-            ZM = Z[l] if k == l else jnp.einsum("na,nmab->nmb", Z[l], M[(k, l)])
-            total -= s[k] ** 2 * (
-                c @ Z[l] if k == l else jnp.einsum("m...n,nmb->m...b", c, ZM)
-            )
+        for k in range(l, L):  # source U_k from layer k + 1, pulled down to layer l
+            op = lam[k]
+            if op.ndim == 4:
+                op = _pull_down(W, D, op, k, l)
+                total -= jnp.einsum("na,nmab->mb", Z[l], op)
+            else:
+                op = jax.vmap(lambda o, k=k: _pull_down(W, D, o, k, l))(op)
+                total -= jnp.einsum("na,inmab->mib", Z[l], op)
         dB.append(total)
-    K = layer_kernels(net, X).total
-    return Velocities(r=-apply_kernel(K, r), H=tuple(dH), B=tuple(dB))
+    dr = residual_rate(Delta, dH_local(kappa, E))
+    return Velocities(r=dr, H=tuple(dH), B=tuple(dB))
+
+
+def dH_local(kappa, E):
+    """The local sources `V_k = −Σ_ν κ_k[μ,ν] E_{k,ν}` from materialized local operators."""
+    return tuple(-jnp.einsum("mnab,nb->ma", op, e) for op, e in zip(kappa, E))

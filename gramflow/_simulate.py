@@ -14,7 +14,7 @@ import optax
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._checks import check_inputs
-from ._engines import ENGINES, PairedEngine, build_engine
+from ._engines import AbstractEngine, Paired, Weights
 from ._network import ReLUNet, _positive_int
 from ._observables import (
     closure_errors,
@@ -37,11 +37,15 @@ class Trajectory(eqx.Module):
     - `observables`: dict of the other recorded observables, each with leading axis T (see
       `gramflow.OBSERVABLES`); with a `reference` engine also `closure_error` `(T,)` and
       `field_error` `(T, L)`.
-    - `final`: the engine's final state — a `ReLUNet` (weights engine), a `FieldState`
-      (collective) or the residual (frozen kernel).
+    - `final`: the network at the end of the run, a `ReLUNet` (for the collective engine
+      rebuilt from its generators, `W_1(t) = W_1(0) + M_1 ⊙ (A_t X)`); the residual for
+      `FrozenKernel`, which has no network.
+    - `state`: the engine's carried state at the end (`WeightsState` with the optax state,
+      `FieldState`, ...): pass it back as `simulate(..., state=traj.state)` to continue
+      the run exactly where it stopped.
     - `first_nonfinite`: first step (`simulate`) or first saved-time index (`flow`) at which
       the loss is not finite; −1 if it stayed finite.
-    - `engine`: the engine's name.
+    - `engine`: the engine object that produced it.
     """
 
     loss: Float[Array, " T"]
@@ -51,12 +55,13 @@ class Trajectory(eqx.Module):
     first_nonfinite: Int[Array, ""]
     step: Int[Array, " T"] | None = None
     t: Float[Array, " T"] | None = None
-    engine: str = eqx.field(static=True, default="weights")
+    engine: AbstractEngine | None = None
+    state: PyTree = None
 
 
 def _check_lr(lr, dtype):
     if lr is None:
-        raise ValueError("`lr` is required (the step size η of W ← W − η ∂L/∂W, L = ½ Σ r²).")
+        raise ValueError("`lr` is required (the step size η of θ ← θ − η ∂L/∂θ, L = ½ Σ r²).")
     lr = jnp.asarray(lr, dtype)
     if lr.ndim != 0:
         raise ValueError(f"`lr` must be a scalar, got shape {lr.shape}.")
@@ -65,38 +70,43 @@ def _check_lr(lr, dtype):
     return lr
 
 
-def _check_engines(engine, reference_engine, optimizer, transport, operators="current"):
-    """Validate the engine configuration; returns the closure `(transport, frozen)`."""
-    for name, value in [("engine", engine), ("reference", reference_engine)]:
-        if value is not None and value not in ENGINES:
-            raise ValueError(f"unknown {name} {value!r}; expected one of {ENGINES}.")
-    if optimizer is not None:
-        if engine != "weights":
+def _check_engine(name, engine, *, optional=False):
+    if engine is None and optional:
+        return None
+    if isinstance(engine, str):
+        raise TypeError(
+            f"`{name}` takes an engine object, not the string {engine!r}: use "
+            "gramflow.Weights(), gramflow.Collective() (closures: "
+            "gramflow.Collective(closure=gramflow.TruncatedTransport(n)) or "
+            "gramflow.FrozenOperators()) or gramflow.FrozenKernel()."
+        )
+    if not isinstance(engine, AbstractEngine):
+        raise TypeError(f"`{name}` must be a gramflow engine (Weights, Collective, "
+                        f"FrozenKernel), got {type(engine).__name__}.")
+    return engine
+
+
+def _resolve_lr(engine, reference_engine, lr, dtype):
+    """`lr` is the step of plain gradient descent: required unless the engine is `Weights`
+    with its own optimizer, and an error beside one."""
+    if not engine.needs_lr():
+        if lr is not None:
             raise ValueError(
-                f"`optimizer` only applies to engine='weights' (got engine={engine!r}): the "
-                "collective and frozen-kernel engines are exact rewritings of plain gradient "
-                "descent, which an arbitrary optimizer is not."
+                "`lr` and an optimizer were both given: the optimizer carries its own step "
+                "size. Drop `lr`, or drop the optimizer for plain gradient descent with step lr."
             )
-        if not isinstance(optimizer, optax.GradientTransformation):
-            raise TypeError(
-                f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer)}."
-            )
-    if transport is not None:
-        if engine != "collective":
-            raise ValueError("`transport` only applies to engine='collective'.")
-        if isinstance(transport, bool) or not isinstance(transport, int) or transport < 0:
-            raise ValueError(f"`transport` must be None or an int ≥ 0, got {transport!r}.")
-    if operators not in ("current", "frozen"):
-        raise ValueError(f"`operators` must be 'current' or 'frozen', got {operators!r}.")
-    if operators == "frozen" and engine != "collective":
-        raise ValueError("`operators='frozen'` only applies to engine='collective'.")
-    return transport, operators == "frozen"
+        if reference_engine is not None and reference_engine.needs_lr():
+            raise ValueError("a `reference` engine of plain gradient descent needs `lr`, "
+                             "which is ambiguous beside an optimizer; give the reference its "
+                             "own optimizer: reference=gf.Weights(optimizer=...).")
+        return jnp.asarray(1.0, dtype)  # unused
+    return _check_lr(lr, dtype)
 
 
-def _record(engine, state, names, scales, ref, top_m):
-    out = observe(engine.view(state), scales, ref, names, top_m)
-    if isinstance(engine, PairedEngine):
-        out.update(closure_errors(engine.view(state), engine.ref_view(state)))
+def _record(run, state, names, ref, top_m):
+    out = observe(run.view(state), ref, names, top_m)
+    if isinstance(run, Paired):
+        out.update(closure_errors(run.view(state), run.ref_view(state)))
     return out
 
 
@@ -117,31 +127,25 @@ def _check_operator_size(net, P, names):
         )
 
 
-def _make_engine(net, X, y, engine, reference_engine, optimizer, closure, lr, continuous):
-    if engine == "weights" and optimizer is None and not continuous:
-        optimizer = optax.sgd(lr)
-    main = build_engine(
-        engine, net, X, y, optimizer=optimizer, transport=closure[0], frozen=closure[1],
-        continuous=continuous,
-    )
+def _build(net, X, y, engine, reference_engine, lr, continuous):
+    run = engine.build(net, X, y, lr, continuous=continuous)
     if reference_engine is None:
-        return main
-    ref_opt = optax.sgd(lr) if reference_engine == "weights" else None
-    ref = build_engine(reference_engine, net, X, y, optimizer=ref_opt, continuous=continuous)
-    return PairedEngine(main, ref)
+        return run
+    return Paired(run, reference_engine.build(net, X, y, lr, continuous=continuous))
 
 
 @eqx.filter_jit
-def _simulate(net, X, y, lr, optimizer, steps, record_every, engine, reference_engine,
-              closure, names, top_m):
-    eng = _make_engine(net, X, y, engine, reference_engine, optimizer, closure, lr, False)
-    state = eng.init()
-    ref = reference(eng.view(state), net.scales, y, names)
-    record = lambda s: _record(eng, s, names, net.scales, ref, top_m)  # noqa: E731
+def _simulate(net, X, y, lr, steps, record_every, engine, reference_engine, names, top_m,
+              state):
+    run = _build(net, X, y, engine, reference_engine, lr, False)
+    state0 = run.init()
+    ref = reference(run.view(state0), y, names)  # drifts are measured against t = 0 of net
+    state = state0 if state is None else state
+    record = lambda s: _record(run, s, names, ref, top_m)  # noqa: E731
 
     def advance(state, n):
         def one(state, _):
-            return eng.step(state, lr)
+            return run.step(state, lr)
 
         return jax.lax.scan(one, state, None, length=n)
 
@@ -163,7 +167,7 @@ def _simulate(net, X, y, lr, optimizer, steps, record_every, engine, reference_e
     recs = jax.tree.map(lambda *xs: jnp.concatenate(xs), *pieces)
     # Loss before each update (steps 0..steps-1), then the loss of the final state.
     all_losses = jnp.concatenate([*step_losses, recs["loss"][-1:]])
-    return recs, eng.final(state), _first_nonfinite(all_losses), np.concatenate(marks)
+    return recs, run.final(state), state, _first_nonfinite(all_losses), np.concatenate(marks)
 
 
 def simulate(
@@ -173,45 +177,44 @@ def simulate(
     *,
     steps: int,
     lr: float | Array | None = None,
-    engine: str = "weights",
-    optimizer: optax.GradientTransformation | None = None,
+    engine: AbstractEngine = Weights(),
     record_every: int = 1,
     observables: Sequence[str] | None = None,
     top_m: int = 5,
-    reference: str | None = None,
-    transport: int | None = None,
-    operators: str = "current",
+    reference: AbstractEngine | None = None,
+    state: PyTree = None,
 ) -> Trajectory:
-    """Gradient descent on `L = ½ Σ_μ r_μ²` (sum-reduced), `W ← W − η ∂L/∂W`, for `steps`
-    steps; the whole loop is one `jax.lax.scan` under `jit`.
+    """Gradient descent on `L = ½ Σ_μ r_μ²` (sum-reduced), `θ ← θ − η ∂L/∂θ` over the trained
+    parameters, for `steps` steps; the whole loop is one `jax.lax.scan` under `jit`.
 
-    Engines (DESIGN.md §3):
+    Engines (objects, see their docstrings):
 
-    - `"weights"`: the reference, on the weights; `optimizer` may be any
-      `optax.GradientTransformation` (default `optax.sgd(lr)`).
-    - `"collective"`: the fields `H_l`, `B_l`, `r` advanced by the exact discrete maps (I8);
-      for one hidden layer the carried state is `H_1` and `r` alone (I3), with `C = X Xᵀ`
-      applied as `X (Xᵀ ·)` when `d < P/2`. Equal to `"weights"` for any η.
-      Closures (models, to measure what the hierarchy carries): `transport=n` keeps
-      cross-layer transport of ≤ n layers in (I4), (I5) (`0`: layer-local only; `None`:
-      all); `operators="frozen"` applies the Gram operators of t = 0 while the fields
-      evolve. A closure advances by Euler steps of its flow, so even `transport=L−1`
-      differs from the exact map by the O(η²) remainder (I7); pair it with
-      `reference="weights"` to record its error.
-    - `"frozen_kernel"`: `r_n = (I − ηK₀)^n r₀` through one eigendecomposition of `K₀`.
+    - `Weights(optimizer=None)`: the reference, on the parameters; any optax transformation
+      (default `optax.sgd(lr)`), its state carried and returned.
+    - `Collective()`: the fields `H_l`, `B_l`, `r` advanced by the exact discrete maps (I8);
+      for one dense hidden layer the carried state is `H_1` and `r` alone (I3). Equal to
+      `Weights()` for any η. `Collective(closure=TruncatedTransport(n))` /
+      `Collective(closure=FrozenOperators())` are models that keep part of the hierarchy; pair
+      them with `reference=Weights()` to record their error.
+    - `FrozenKernel()`: `r_n = (I − ηK₀)^n r₀` through one eigendecomposition of `K₀`.
 
     **Arguments:**
 
     - `net`, `X` `(P, d)`, `y` `(P,)` or `(P, k)`: the problem.
-    - `steps`: number of updates; `lr`: η (required unless an `optimizer` is given).
+    - `steps`: number of updates; `lr`: η (required, except beside an optimizer, where it is
+      an error).
+    - `engine`: an engine object (default `Weights()`).
     - `record_every`: record every this many steps (and at the last step); record 0 is the
-      initial state.
+      state the run starts from.
     - `observables`: names from `gramflow.OBSERVABLES` (default `None`: the O(P N) ones —
-      loss, r, kernel traces and shares, active fractions; loss and r for the frozen kernel). `"kernel"` stores `(P, P)`
-      matrices per record.
+      loss, r, kernel traces and shares, active fractions; loss and r for the frozen kernel).
+      `"kernel"` stores `(P, P)` matrices per record.
     - `top_m`: number of eigenvalues for `"kernel_eigs"` / `"layer_kernel_eigs"`.
     - `reference`: another engine run in the same scan; records `closure_error`
       (`‖r − r_ref‖ / ‖r_ref‖`) and per-layer `field_error`.
+    - `state`: the `state` of an earlier `Trajectory` of the same engine, network and data,
+      to continue that run (bit for bit as if it had not stopped); drift observables stay
+      relative to `net` at t = 0.
 
     **Returns:** a `Trajectory`. If the loss stops being finite, `first_nonfinite` says when
     and, when called eagerly, a `RuntimeWarning` suggests a smaller `lr`.
@@ -219,25 +222,27 @@ def simulate(
     X, y = check_inputs(net, X, y)
     steps = _positive_int("steps", steps)
     record_every = _positive_int("record_every", record_every)
-    closure = _check_engines(engine, reference, optimizer, transport, operators)
-    names = validate(observables, engine=engine, top_m=top_m)
+    engine = _check_engine("engine", engine)
+    reference_engine = _check_engine("reference", reference, optional=True)
+    names = validate(observables, fields=engine.carries_fields, top_m=top_m)
     _check_operator_size(net, X.shape[0], names)
-    if lr is None and optimizer is not None and reference is None:
-        lr = 1.0  # unused: the optimizer carries its own step size
-    lr = _check_lr(lr, net.dtype)
-    recs, final, bad, marks = _simulate(
-        net, X, y, lr, optimizer, steps, record_every, engine, reference, closure, names, top_m
+    lr = _resolve_lr(engine, reference_engine, lr, net.dtype)
+    if state is not None and reference_engine is not None:
+        raise ValueError("`state` resumes a single run; it cannot be combined with `reference`.")
+    recs, final, end, bad, marks = _simulate(
+        net, X, y, lr, steps, record_every, engine, reference_engine, names, top_m, state
     )
-    traj = _trajectory(recs, final, bad, engine, step=jnp.asarray(marks))
+    traj = _trajectory(recs, final, bad, engine, step=jnp.asarray(marks),
+                       state=end[0] if reference_engine is not None else end)
     _warn_if_diverged(traj, lr, "step")
     return traj
 
 
-def _trajectory(recs, final, bad, engine, **time):
+def _trajectory(recs, final, bad, engine, **extra):
     recs = dict(recs)
     loss, r = recs.pop("loss"), recs.pop("r", None)
     return Trajectory(loss=loss, r=r, observables=recs, final=final, first_nonfinite=bad,
-                      engine=engine, **time)
+                      engine=engine, **extra)
 
 
 def _warn_if_diverged(traj, lr, what):
@@ -253,24 +258,34 @@ def _warn_if_diverged(traj, lr, what):
     )
 
 
+def default_controller(dtype) -> diffrax.PIDController:
+    """The step-size controller `flow` uses unless given one: `rtol = 1e-7, atol = 1e-9` in
+    float64, `rtol = 1e-4, atol = 1e-6` in lower precision (tighter tolerances than the
+    arithmetic only make the solver take more steps)."""
+    if jnp.dtype(dtype) == jnp.float64:
+        return diffrax.PIDController(rtol=1e-7, atol=1e-9)
+    return diffrax.PIDController(rtol=1e-4, atol=1e-6)
+
+
 @eqx.filter_jit
-def _flow(net, X, y, lr, ts, t1, engine, reference_engine, closure, names, top_m, solver,
-          rtol, atol, dtmin, max_steps):
-    eng = _make_engine(net, X, y, engine, reference_engine, None, closure, lr, True)
-    state = eng.init()
-    ref = reference(eng.view(state), net.scales, y, names)
-    record = lambda s: _record(eng, s, names, net.scales, ref, top_m)  # noqa: E731
-    if engine == "frozen_kernel" and reference_engine is None:
-        states = jax.vmap(lambda t: eng.at_time(t, lr))(ts)
+def _flow(net, X, y, lr, ts, t1, engine, reference_engine, names, top_m, solver, controller,
+          max_steps):
+    run = _build(net, X, y, engine, reference_engine, lr, True)
+    state = run.init()
+    ref = reference(run.view(state), y, names)
+    record = lambda s: _record(run, s, names, ref, top_m)  # noqa: E731
+    if hasattr(run, "at_time"):  # a closed form (the frozen kernel)
+        states = jax.vmap(lambda t: run.at_time(t, lr))(ts)
         recs = jax.vmap(record)(states)
-        return recs, eng.final(eng.at_time(t1, lr))
+        end = run.at_time(t1, lr)
+        return recs, run.final(end), end
     # diffrax is handed the flat list of leaves: an empty tuple in the state (the
     # weight-free L = 1 collective engine carries no weights) trips its RK buffers.
     leaves, treedef = jax.tree.flatten(state)
     unflat = lambda ls: jax.tree.unflatten(treedef, ls)  # noqa: E731
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, ls, args: jax.tree.leaves(eng.rate(unflat(ls), lr))),
-        diffrax.Tsit5() if solver is None else solver,
+        diffrax.ODETerm(lambda t, ls, args: jax.tree.leaves(run.rate(unflat(ls), lr))),
+        solver,
         t0=0.0,
         t1=t1,
         dt0=None,
@@ -281,13 +296,12 @@ def _flow(net, X, y, lr, ts, t1, engine, reference_engine, closure, names, top_m
                 diffrax.SubSaveAt(t1=True),
             ]
         ),
-        stepsize_controller=diffrax.PIDController(
-            rtol=rtol, atol=atol, dtmin=None if dtmin is None else dtmin * t1, force_dtmin=True
-        ),
+        stepsize_controller=controller,
         max_steps=max_steps,
     )
     recs, final = sol.ys
-    return recs, eng.final(unflat([x[-1] for x in final]))
+    end = unflat([x[-1] for x in final])
+    return recs, run.final(end), end
 
 
 def flow(
@@ -298,48 +312,49 @@ def flow(
     t1: float,
     ts: Float[Array, " T"] | None = None,
     lr: float | Array = 1.0,
-    engine: str = "weights",
+    engine: AbstractEngine = Weights(),
     solver: diffrax.AbstractSolver | None = None,
-    rtol: float = 1e-7,
-    atol: float = 1e-9,
-    dtmin: float | None = None,
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     max_steps: int = 100_000,
     observables: Sequence[str] | None = None,
     top_m: int = 5,
-    reference: str | None = None,
-    transport: int | None = None,
-    operators: str = "current",
+    reference: AbstractEngine | None = None,
 ) -> Trajectory:
-    """Gradient flow `dW/dt = −η ∂L/∂W` on `L = ½ Σ r²` from t = 0 to `t1`, through diffrax.
+    """Gradient flow `dθ/dt = −η ∂L/∂θ` on `L = ½ Σ r²` from t = 0 to `t1`, through diffrax.
 
-    Engines: `"weights"` integrates the weights; `"collective"` integrates the fields by
+    Engines: `Weights()` integrates the parameters; `Collective()` integrates the fields by
     (I2), (I4), (I5) with the Gram operators applied matrix-free from their generators (I6) —
-    for one hidden layer `H_1` alone (I3); `"frozen_kernel"` is `r(t) = exp(−ηK₀t) r₀` in closed
-    form. All agree with `"weights"` up to the solver tolerance (except the frozen kernel,
-    which is the lazy limit). ReLU makes the vector field only piecewise smooth: adaptive
-    step-size control handles the kinks where an activation changes.
+    for one dense hidden layer `H_1` alone (I3); `FrozenKernel()` is `r(t) = exp(−ηK₀t) r₀`
+    in closed form. All agree with `Weights()` up to the solver tolerance (except the frozen
+    kernel, which is the lazy limit). ReLU makes the vector field only piecewise smooth:
+    adaptive step-size control handles the kinks where an activation changes.
 
     **Sliding.** A pre-activation can be pushed towards 0 from both sides and stay there
     (a Filippov sliding mode of the non-smooth flow). Then no step size resolves the flow and
-    the solver exhausts `max_steps`; `flow` raises a `RuntimeError` saying so. With
-    `dtmin=δ` steps below `δ·t1` are forced instead: the weights engine (and the one-hidden-
-    layer collective engine, which is a linear image of it) then follows the sliding flow to
-    O(δ), but the deeper collective hierarchy does not — its chain rule `dZ = D ⊙ dH` sees the
-    chattering mask, not the pinned activation — so compare against `reference="weights"`.
+    the solver exhausts `max_steps`; `flow` raises a `RuntimeError` saying so. With a
+    controller that forces a smallest step (`diffrax.PIDController(..., dtmin=δ,
+    force_dtmin=True)`) the weights engine (and the one-hidden-layer collective engine, a
+    linear image of it) then follows the sliding flow to O(δ), but the deeper collective
+    hierarchy does not — its chain rule `dZ = D ⊙ dH` sees the chattering mask, not the pinned
+    activation — so compare against `reference=Weights()`.
 
     **Arguments:** `net`, `X`, `y` as in `simulate`; `t1`: final time; `ts`: saved times in
-    `[0, t1]` (default 101 equispaced); `lr`: η; `solver`: any diffrax solver (default
-    `Tsit5()`); `rtol`, `atol`: tolerances of the PID step-size controller; `dtmin`: smallest
-    step as a fraction of `t1`, forced when reached (default `None`: never forced);
-    `max_steps`: solver step budget; `observables`, `top_m`, `reference`, `transport`,
-    `operators`: as in `simulate` (closures integrate B by (I5) and so also miss its jumps
-    at activation flips — part of what their error measures).
+    `[0, t1]` (default 101 equispaced); `lr`: η; `engine`, `reference`: engine objects;
+    `solver`: any diffrax solver (default `diffrax.Tsit5()`); `stepsize_controller`: any
+    diffrax controller (default: `default_controller(dtype)`, tolerances set by the dtype);
+    `max_steps`: solver step budget; `observables`, `top_m`: as in `simulate` (closures
+    integrate B by (I5) and so also miss its jumps at activation flips — part of what their
+    error measures).
 
     **Returns:** a `Trajectory` with `t = ts`; `first_nonfinite` is an index into `ts`.
     """
     X, y = check_inputs(net, X, y)
-    closure = _check_engines(engine, reference, None, transport, operators)
-    names = validate(observables, engine=engine, top_m=top_m)
+    engine = _check_engine("engine", engine)
+    reference_engine = _check_engine("reference", reference, optional=True)
+    if not engine.needs_lr():
+        raise ValueError("`flow` integrates gradient flow; an optimizer has no flow. Use "
+                         "gf.Weights() without an optimizer, or `simulate`.")
+    names = validate(observables, fields=engine.carries_fields, top_m=top_m)
     _check_operator_size(net, X.shape[0], names)
     lr = _check_lr(lr, net.dtype)
     t1 = jnp.asarray(t1, net.dtype)
@@ -352,9 +367,11 @@ def flow(
         if np.any(np.diff(ts) < 0) or ts[0] < 0 or ts[-1] > t1:
             raise ValueError("`ts` must be non-decreasing times within [0, t1].")
     max_steps = _positive_int("max_steps", max_steps)
+    solver = diffrax.Tsit5() if solver is None else solver
+    controller = default_controller(net.dtype) if stepsize_controller is None else stepsize_controller
     try:
-        recs, final = _flow(net, X, y, lr, ts, t1, engine, reference, closure, names, top_m,
-                            solver, rtol, atol, dtmin, max_steps)
+        recs, final, end = _flow(net, X, y, lr, ts, t1, engine, reference_engine, names, top_m,
+                                 solver, controller, max_steps)
     except eqx.EquinoxRuntimeError as err:
         if "maximum number of solver steps" not in str(err):
             raise
@@ -363,10 +380,13 @@ def flow(
             "usually means sliding: a pre-activation pushed towards 0 from both sides stays "
             "pinned there, and the adaptive solver shrinks its step without end. Options: "
             "integrate to an earlier t1; use `simulate` with a small lr (the discrete maps "
-            "are exact for any lr); or pass `dtmin=...` (a fraction of t1) so steps below it "
-            "are forced — the weights engine then follows the sliding flow to O(dtmin), but "
-            "the collective hierarchy (I4)/(I5) of depth ≥ 2 does not (see the flow docstring)."
+            "are exact for any lr); or pass a controller that forces a smallest step, "
+            "`stepsize_controller=diffrax.PIDController(rtol=..., atol=..., dtmin=δ, "
+            "force_dtmin=True)` — the weights engine then follows the sliding flow to O(δ), "
+            "but the collective hierarchy (I4)/(I5) of depth ≥ 2 does not (see the flow "
+            "docstring)."
         ) from err
-    traj = _trajectory(recs, final, _first_nonfinite(recs["loss"]), engine, t=ts)
+    traj = _trajectory(recs, final, _first_nonfinite(recs["loss"]), engine, t=ts,
+                       state=end[0] if reference_engine is not None else end)
     _warn_if_diverged(traj, lr, "saved-time index")
     return traj

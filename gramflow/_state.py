@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._algebra import apply_mask, residual_weighted
 from ._checks import check_inputs
-from ._network import ReLUNet
-from ._structure import effective, parameter_gradients_from_fields
+from ._network import ReLUNet, forward, from_layer_params
 
 
 class CollectiveState(eqx.Module):
-    """Fields of a network on the training set (DESIGN.md §1), layer index l = 1..L.
+    """Fields of a network on the training set, layer index l = 1..L.
 
     **Fields:**
 
-    - `H`: tuple of forward fields `H_l = s_l Z_{l-1} W_lᵀ`, shape `(P, N_l)`.
+    - `H`: tuple of forward fields `H_l = Z_{l-1} W̃_lᵀ` (`s_l Z_{l-1} W_lᵀ` for a dense
+      layer), shape `(P, N_l)`.
     - `Z`: tuple `(Z_0 = X, Z_1, ..., Z_L)`, `Z_l = relu(H_l)`, shape `(P, N_l)` (L+1 entries).
     - `D`: tuple of activation masks `D_l = step(H_l)` (relu'(0) = 0), shape `(P, N_l)`.
     - `B`: tuple of conjugate fields `B_l = ∂f/∂Z_l`, shape `(P, N_l)` or `(P, k, N_l)`.
@@ -40,25 +40,9 @@ class CollectiveState(eqx.Module):
         return 0.5 * jnp.sum(self.r**2)
 
 
-def forward(net: ReLUNet, X: Float[Array, "P d"]):
-    """Forward pass. Returns `(H, Z, f)`: tuples `H_1..H_L`, `Z_0..Z_L`, and `f = s_out Z_L a`.
-    A structured layer applies its effective weights `W̃_l` (`_structure.effective`)."""
-    H, Z = [], [X]
-    scales, weights = effective(net)
-    for W, s in zip(weights, scales[:-1]):
-        H.append(s * (Z[-1] @ W.T))
-        Z.append(jax.nn.relu(H[-1]))
-    return tuple(H), tuple(Z), net.scales[-1] * (Z[-1] @ net.readout)
-
-
 def masks(H) -> tuple[Float[Array, "P N"], ...]:
     """Activation masks `D_l = step(H_l)`, with step(0) = 0 as relu'(0) = 0 in JAX."""
     return tuple((h > 0).astype(h.dtype) for h in H)
-
-
-def apply_mask(D: Float[Array, "P N"], B: Float[Array, "P *k N"]) -> Float[Array, "P *k N"]:
-    """`D ⊙ B`, broadcasting the mask over any axes between the sample and unit axes."""
-    return D.reshape(D.shape[:1] + (1,) * (B.ndim - 2) + D.shape[1:]) * B
 
 
 def output_field(net: ReLUNet, P: int) -> Float[Array, "P *k N_L"]:
@@ -67,15 +51,15 @@ def output_field(net: ReLUNet, P: int) -> Float[Array, "P *k N_L"]:
     return jnp.broadcast_to(a if a.ndim == 1 else a.T, (P,) + a.T.shape)
 
 
-def pullback(scales, weights, D, top: Float[Array, "P *k N_L"]):
-    """Backward pullback recursion (I1): `Δ_l = D_l ⊙ B_l`, `B_{l-1} = s_l Δ_l W_l`.
+def pullback(weights, D, top: Float[Array, "P *k N_L"]):
+    """Backward pullback recursion (I1): `Δ_l = D_l ⊙ B_l`, `B_{l-1} = Δ_l W̃_l`.
 
     Linear in the top field, so it serves both the conjugate fields (`top = B_L = s_out a`)
     and the residual-weighted fields `E_l` of (I8) (`top = s_out r aᵀ`).
 
-    **Arguments:** `scales`: `(s_1..s_L, s_out)`; `weights`: `W_1..W_L` (only `W_2..W_L` are
-    used, so the first entry may be `None`); `D`: masks `D_1..D_L`; `top`: `B_L` of shape
-    `(P, N_L)` or `(P, k, N_L)`.
+    **Arguments:** `weights`: effective weights `W̃_1..W̃_L` (only `W̃_2..W̃_L` are used, so
+    the first entry may be `None`); `D`: masks `D_1..D_L`; `top`: `B_L` of shape `(P, N_L)` or
+    `(P, k, N_L)`.
 
     **Returns:** tuples `(B_1..B_L, Δ_1..Δ_L)`, each entry shaped like `top` with `N_l` units.
     """
@@ -83,15 +67,20 @@ def pullback(scales, weights, D, top: Float[Array, "P *k N_L"]):
     for l in range(len(D) - 1, -1, -1):
         Delta.append(apply_mask(D[l], B[-1]))
         if l > 0:
-            B.append(scales[l] * (Delta[-1] @ weights[l]))
+            B.append(Delta[-1] @ weights[l])
     return tuple(reversed(B)), tuple(reversed(Delta))
+
+
+def effective_weights(net: ReLUNet) -> tuple:
+    """`W̃_1..W̃_L`."""
+    return tuple(layer.effective() for layer in net.layers)
 
 
 def fields(net: ReLUNet, X: Float[Array, "P d"]):
     """One forward and one backward pass, no validation. Returns `(H, Z, D, B, Delta, f)`."""
     H, Z, f = forward(net, X)
     D = masks(H)
-    B, Delta = pullback(*effective(net), D, output_field(net, X.shape[0]))
+    B, Delta = pullback(effective_weights(net), D, output_field(net, X.shape[0]))
     return H, Z, D, B, Delta, f
 
 
@@ -121,28 +110,17 @@ def residual_top(net: ReLUNet, r: Float[Array, "P *k"]) -> Float[Array, "P N_L"]
     return r[:, None] * a[None, :] if a.ndim == 1 else r @ a.T
 
 
-def residual_weighted(r: Float[Array, "P *k"], Delta_l: Float[Array, "P *k N"]) -> Float[Array, "P N"]:
-    """`E_l = Σ_i r_{·,i} Δ_l[·, i]` (I8): `diag(r) Δ_l` for scalar output, `(P, N_l)`."""
-    if Delta_l.ndim == 2:
-        return r[:, None] * Delta_l
-    return jnp.einsum("pk,pkn->pn", r, Delta_l)
-
-
-def gradients_from_fields(net: ReLUNet, Z, E) -> tuple[Float[Array, "N_l N_lm1"], ...]:
-    """`∂L/∂W_l = s_l E_lᵀ Z_{l-1}` (I1, I8) from residual-weighted fields `E_l`, `(P, N_l)`;
-    `g_l s_l M_l ⊙ (E_lᵀ Z_{l-1})` for a structured layer."""
-    if not net.structured:
-        return tuple(s * (e.T @ z) for s, e, z in zip(net.scales[:-1], E, Z[:-1]))
-    from ._structure import coefficient, masked_weight
-
-    return tuple(coefficient(net, l) * masked_weight(net, l, e.T @ z)
-                 for l, (e, z) in enumerate(zip(E, Z[:-1])))
-
-
-def _residual_fields(net: ReLUNet, X, y):
+def residual_fields(net: ReLUNet, X, y):
+    """`(Z, E)`: the forward fields and the residual-weighted conjugate fields
+    `E_l = Σ_i r_i Δ_l[i]`, by one forward pass and one pullback from `s_out r aᵀ`."""
     H, Z, f = forward(net, X)
-    _, E = pullback(*effective(net), masks(H), residual_top(net, f - y))
+    _, E = pullback(effective_weights(net), masks(H), residual_top(net, f - y))
     return Z, E
+
+
+def layer_gradients(net: ReLUNet, Z, E) -> tuple:
+    """Per-layer `LayerParams` of `∂L/∂θ_l` (I1) from the fields."""
+    return tuple(layer.gradients(e, z) for layer, e, z in zip(net.layers, E, Z))
 
 
 def pullback_gradients(
@@ -154,7 +132,7 @@ def pullback_gradients(
     `E_l = Σ_i r_{·,i} Δ_l[·, i]` (`diag(r) Δ_l` for scalar output), obtained by running the
     pullback recursion once from the top field `s_out r aᵀ` (it is linear in that field).
     With this loss a learning rate η means `W ← W − η ∂L/∂W`; a mean-reduced loss would
-    divide η by P. For a structured network these are the gradients of its raw weights,
+    divide η by P. For a structured layer these are the gradients of its raw weights,
     `g_l s_l M_l ⊙ (E_lᵀ Z_{l-1})` (zero off the mask); `parameter_gradients` adds those of
     the gains and skip strengths.
 
@@ -163,12 +141,14 @@ def pullback_gradients(
     **Returns:** tuple of `∂L/∂W_l`, shaped like `net.weights`.
     """
     X, y = check_inputs(net, X, y)
-    return gradients_from_fields(net, *_residual_fields(net, X, y))
+    Z, E = residual_fields(net, X, y)
+    return tuple(layer.coefficient * layer.masked(e.T @ z)
+                 for layer, e, z in zip(net.layers, E, Z))
 
 
 def parameter_gradients(net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"]) -> ReLUNet:
-    """Gradients of `L = ½ Σ_μ r_μ²` with respect to every trained parameter of a (possibly
-    structured) network, by the pullback recursion (I1) with the effective weights:
+    """Gradients of `L = ½ Σ_μ r_μ²` with respect to every trained parameter, by the pullback
+    recursion (I1) with the effective weights (`Layer.gradients`):
 
         ∂L/∂W_l = g_l s_l M_l ⊙ F_l,   ∂L/∂g_l = s_l Σ (W_l ⊙ M_l) ⊙ F_l,   ∂L/∂α_l = tr F_l,
 
@@ -179,5 +159,5 @@ def parameter_gradients(net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P
     with the network's own trained leaves.
     """
     X, y = check_inputs(net, X, y)
-    Z, E = _residual_fields(net, X, y)
-    return parameter_gradients_from_fields(net, Z[:-1], E)
+    Z, E = residual_fields(net, X, y)
+    return from_layer_params(net, layer_gradients(net, Z, E))

@@ -6,15 +6,14 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._algebra import apply_mask, residual_weighted
 from ._checks import check_inputs
-from ._kernels import gram_apply
 from ._network import ReLUNet
-from ._state import apply_mask, fields, residual_weighted
-from ._structure import effective, local_sources
+from ._state import effective_weights, fields
 
 
 class Velocities(eqx.Module):
-    """Time derivatives of the fields under gradient flow `dW_l/dt = −η ∂L/∂W_l` with η = 1
+    """Time derivatives of the fields under gradient flow `dθ/dt = −η ∂L/∂θ` with η = 1
     and `L = ½ Σ r²` (multiply by η for another learning rate).
 
     **Fields:**
@@ -30,54 +29,52 @@ class Velocities(eqx.Module):
     B: tuple[Float[Array, "P *k N"], ...]
 
 
-def local_forward(scales, Z, E):
-    """Layer-local forward velocities `V_k = −s_k² G_{k-1} E_k` (the k = l terms of I4),
-    `(P, N_k)`: the change of `H_k` caused by the change of `W_k` alone."""
-    return tuple(-(s**2) * gram_apply(z, z, e) for s, z, e in zip(scales[:-1], Z, E))
+def local_forward(layers, Z, E):
+    """Layer-local forward sources `V_l = Z_{l-1} dW̃_lᵀ` (the k = l terms of I4), `(P, N_l)`:
+    the change of `H_l` caused by the change of layer l's own parameters alone; for a dense
+    layer `−s_l² G_{l-1} E_l`."""
+    return tuple(layer.push(z, z, e) for layer, z, e in zip(layers, Z, E))
 
 
-def pushforward(scales, weights, D, V, *, transport: int | None = None):
+def local_backward(layers, Z, Delta, E):
+    """Layer-local conjugate sources `U_{l-1} = Δ_l dW̃_l` (the sources of I5) for
+    l = 2..L; for a dense layer `−s_l² Σ_ν (Δ_{l,μ} · E_{l,ν}) Z_{l-1,ν}`."""
+    return tuple(layers[l].pull(Delta[l], E[l], Z[l]) for l in range(1, len(layers)))
+
+
+def pushforward(weights, D, V, *, transport: int | None = None):
     """`dH_l/dt = Σ_{k≤l} J^h_{l←k} V_k` (I4) applied matrix-free (I6).
 
     `Σ_ν c_{μν} 𝔊^{k→l}_{μν} Δ_{l,ν} = J^h_{l←k,μ} (Σ_ν c_{μν} Δ_{k,ν})`, so each source `V_k`
-    is pushed up one layer at a time by `J^h_{l←l-1} = s_l W_l D_{l-1}`, O(P N²) per layer.
-    `transport=n` keeps only the terms with `l − k ≤ n` (`None`: all, exact). Only
-    `W_2..W_L` are used.
+    is pushed up one layer at a time by `J^h_{l←l-1} = W̃_l D_{l-1}`, O(P N²) per layer.
+    `transport=n` keeps only the terms with `l − k ≤ n` (`None`: all, exact). Only the
+    effective weights `W̃_2..W̃_L` are used.
     """
     out, contrib = [], []  # contrib[j]: the source V_{l-j} carried up to layer l
     for l, v in enumerate(V):
         if l == 0:
             contrib = [v]
         else:
-            W, s, Dm = weights[l], scales[l], D[l - 1]
+            W, Dm = weights[l], D[l - 1]
             kept = [out[-1]] if transport is None else contrib[:transport]
-            contrib = [v] + [s * ((Dm * p) @ W.T) for p in kept]
+            contrib = [v] + [(Dm * p) @ W.T for p in kept]
         out.append(sum(contrib[1:], contrib[0]))
     return tuple(out)
 
 
-def local_backward(scales, Z, Delta, E):
-    """Layer-local conjugate velocities `U_k = −s_{k+1}² Σ_ν (Δ_{k+1,μ} · E_{k+1,ν}) Z_{k,ν}`
-    (the k-th source term of I5, `Q_{k+1} r` acting on `Z_k`), for k = 1..L−1."""
-    return tuple(
-        -(scales[k + 1] ** 2) * gram_apply(Delta[k + 1], E[k + 1], Z[k + 1])
-        for k in range(len(Delta) - 1)
-    )
-
-
-def pullback_transport(scales, weights, D, U, zero_top, *, transport: int | None = None):
+def pullback_transport(weights, D, U, zero_top, *, transport: int | None = None):
     """`dB_l/dt = Σ_{l≤k<L} U_k J^z_{k←l}` (I5) applied matrix-free (I6).
 
     Each source `U_k` is pulled down one layer at a time by
-    `u ↦ u J^z_{k←k-1} = s_k (D_k ⊙ u) W_k` (the pullback recursion of I1, on velocities).
+    `u ↦ u J^z_{k←k-1} = (D_k ⊙ u) W̃_k` (the pullback recursion of I1, on velocities).
     `transport=n` keeps only the terms with `k − l ≤ n` (`None`: all, exact). Only
-    `W_2..W_L` are used. Returns `dB_1..dB_L`, the last being `zero_top` (fixed readout).
+    `W̃_2..W̃_L` are used. Returns `dB_1..dB_L`, the last being `zero_top` (fixed readout).
     """
     out, contrib = [zero_top], []  # contrib[j]: the source U_{l+j} carried down to layer l
     for l in range(len(D) - 1, 0, -1):  # 1-based layer l = L-1, ..., 1
-        W, s, Dm = weights[l], scales[l], D[l]
+        W, Dm = weights[l], D[l]
         kept = contrib[:transport] if transport is not None else ([out[-1]] if contrib else [])
-        contrib = [U[l - 1]] + [s * (apply_mask(Dm, u) @ W) for u in kept]
+        contrib = [U[l - 1]] + [apply_mask(Dm, u) @ W for u in kept]
         out.append(sum(contrib[1:], contrib[0]))
     return tuple(reversed(out))
 
@@ -87,29 +84,24 @@ def residual_rate(Delta, V):
     return sum(jnp.sum(apply_mask(v, d), axis=-1) for d, v in zip(Delta, V))
 
 
-def rates(scales, weights, Z, D, Delta, r, *, transport: int | None = None, operators=None,
-          structure=None):
+def rates(layers, Z, D, Delta, r, *, transport: int | None = None, operators=None):
     """Gradient-flow rates (η = 1) from the fields: `(dr, dH, dB, E)`.
 
-    For a structured network pass it as `structure` (with its effective `(scales, weights)`,
-    `_structure.effective`): the local sources are then those of its trained parameters,
-    `V_l = Z_{l-1} dW̃_lᵀ`, `U_{l-1} = Δ_l dW̃_l` (`_structure.local_sources`), and the
-    transport is unchanged.
-
-    `dH` by (I4), `dB` by (I5) (with `dB_L = 0`), `dr = −K r` by (I2); `E_l` are the
-    residual-weighted conjugate fields, so that `dW_l = −s_l E_lᵀ Z_{l-1}` (I1). Only
-    `W_2..W_L` are used. `transport=n` truncates cross-layer transport to n layers;
-    `operators=(W, D)` applies the Gram operators generated by those weights and masks
-    (e.g. frozen at t = 0) instead of the current ones, while the local terms use the fields.
+    `dH` by (I4), `dB` by (I5) (with `dB_L = 0`), `dr = −K r` by (I2); the local sources are
+    those of each layer's trained parameters (`Layer.push`, `Layer.pull`), the transport
+    applies the effective weights `W̃_2..W̃_L` of `layers`. `E_l` are the residual-weighted
+    conjugate fields. `transport=n` truncates cross-layer transport to n layers;
+    `operators=(W̃, D)` applies the Gram operators generated by those effective weights and
+    masks (e.g. frozen at t = 0) instead of the current ones, while the local terms use the
+    fields.
     """
     E = tuple(residual_weighted(r, d) for d in Delta)
-    if structure is None:
-        V, U = local_forward(scales, Z, E), local_backward(scales, Z, Delta, E)
-    else:
-        V, U, _ = local_sources(structure, Z[:-1], Delta, E)
-    W_op, D_op = (weights, D) if operators is None else operators
-    dH = pushforward(scales, W_op, D_op, V, transport=transport)
-    dB = pullback_transport(scales, W_op, D_op, U, jnp.zeros_like(Delta[-1]), transport=transport)
+    V, U = local_forward(layers, Z, E), local_backward(layers, Z, Delta, E)
+    if operators is None:
+        operators = ((None, *(layer.effective() for layer in layers[1:])), D)
+    W_op, D_op = operators
+    dH = pushforward(W_op, D_op, V, transport=transport)
+    dB = pullback_transport(W_op, D_op, U, jnp.zeros_like(Delta[-1]), transport=transport)
     return residual_rate(Delta, V), dH, dB, E
 
 
@@ -128,6 +120,6 @@ def velocities(
     """
     X, y = check_inputs(net, X, y)
     _, Z, D, _, Delta, f = fields(net, X)
-    structure = net if net.structured else None
-    dr, dH, dB, _ = rates(*effective(net), Z, D, Delta, f - y, structure=structure)
+    dr, dH, dB, _ = rates(net.layers, Z, D, Delta, f - y,
+                          operators=(effective_weights(net), D))
     return Velocities(r=dr, H=dH, B=dB)

@@ -9,10 +9,10 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._checks import check_inputs
-from ._kernels import apply_kernel, collective_kernel, layer_kernels
-from ._network import ReLUNet
+from ._algebra import apply_kernel
+from ._kernels import collective_kernel, layer_kernels
+from ._network import ReLUNet, trainable
 from ._state import collective_state, parameter_gradients, pullback_gradients
-from ._structure import trainable
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-1, "float16": 1e-2}
 _JACOBIAN_BYTES_LIMIT = 2**31
@@ -57,22 +57,29 @@ def _sample_jacobian(fn, probes):
     return tuple(j if j.ndim == 2 else jnp.moveaxis(j, 0, 1) for j in jac)
 
 
-def _layer_jacobians(fn, params, train, P, k):
-    """Per-layer Jacobians `∂f/∂θ_l` of every trained parameter of layer l (weights, gain,
-    skip), flattened to `(P·k, #θ_l)`."""
-    jac = jax.jacrev(fn)(params)
-    flat = lambda j: j.reshape(P * k, -1)  # noqa: E731
-    out = []
-    for l in range(len(params.weights)):
-        parts = []
-        if "weights" in train:
-            parts.append(flat(jac.weights[l]))
-        if "gains" in train:
-            parts.append(flat(jac.gains[..., l]))
-        if "skips" in train and params.skips[l] is not None:
-            parts.append(flat(jac.skips[l]))
-        out.append(jnp.concatenate(parts, axis=1))
-    return out
+def _split_gains(params):
+    """`params` with the `(L,)` gains array as a tuple of per-layer scalars, so that every
+    trained leaf sits at an index `l` of a per-layer sequence (`weights[l]`, `gains[l]`,
+    `skips[l]`)."""
+    if params.gains is None:
+        return params
+    return eqx.tree_at(lambda p: p.gains, params, tuple(params.gains))
+
+
+def _join_gains(params):
+    if params.gains is None or not isinstance(params.gains, tuple):
+        return params
+    return eqx.tree_at(lambda p: p.gains, params, jnp.stack(params.gains))
+
+
+def _by_layer(tree, L: int, lead: int = 0):
+    """The leaves of a split parameter tree grouped by layer, each flattened after its first
+    `lead` axes and concatenated: a list of L arrays `(*lead_shape, #θ_l)`."""
+    groups = [[] for _ in range(L)]
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        l = next(key.idx for key in path if isinstance(key, jax.tree_util.SequenceKey))
+        groups[l].append(leaf.reshape(leaf.shape[:lead] + (-1,)))
+    return [jnp.concatenate(g, axis=-1) if g else None for g in groups]
 
 
 def _jjt(J, P):
@@ -84,16 +91,8 @@ def _jjt(J, P):
     return K.reshape(P, k, P, k).transpose(0, 2, 1, 3)
 
 
-def _layer_vector(params, train, l):
-    """The trained parameters of layer l as one flat vector."""
-    parts = []
-    if "weights" in train:
-        parts.append(params.weights[l].ravel())
-    if "gains" in train:
-        parts.append(params.gains[l:l + 1])
-    if "skips" in train and params.skips[l] is not None:
-        parts.append(params.skips[l].reshape(1))
-    return jnp.concatenate(parts)
+def _weights_or_none(grads, L):
+    return tuple(grads.weights) if grads.weights is not None else (None,) * L
 
 
 class VerificationReport(eqx.Module):
@@ -199,27 +198,32 @@ def verify(
     K = collective_kernel(net, X)
 
     def f_of(p):
-        return _plain_f(eqx.combine(p, rest), X)[0]
+        return _plain_f(eqx.combine(_join_gains(p), rest), X)[0]
+
+    split = _split_gains(params)
+    L = net.depth
 
     _, H_ref = _plain_f(net, X)
     zeros = tuple(jnp.zeros_like(h) for h in H_ref)
     Delta_ref = _sample_jacobian(lambda e: _plain_f(net, X, eps_h=e)[0], zeros)
     B_ref = _sample_jacobian(lambda e: _plain_f(net, X, eps_z=e)[0], zeros)
-    grads_ref = jax.grad(lambda p: 0.5 * jnp.sum((f_of(p) - y) ** 2))(params)
-    J = _layer_jacobians(f_of, params, net.train, P, k)
-    K_ref = [_jjt(j, P) for j in J]
-    _, df = jax.jvp(f_of, (params,), (jax.tree.map(jnp.negative, grads_ref),))
+    grads_ref = jax.grad(lambda p: 0.5 * jnp.sum((f_of(p) - y) ** 2))(split)
+    jac = jax.tree.map(lambda j: j.reshape(P * k, -1), jax.jacrev(f_of)(split))
+    J = _by_layer(jac, L, lead=1)
+    zero = jnp.zeros((P, P) + ((k, k) if net.out_dim is not None else ()), net.dtype)
+    K_ref = [zero if j is None else _jjt(j, P) for j in J]
+    _, df = jax.jvp(f_of, (split,), (jax.tree.map(jnp.negative, grads_ref),))
+    ours, ref = _by_layer(_split_gains(grads), L), _by_layer(grads_ref, L)
+    tiny = jnp.zeros((), net.dtype)
 
     return VerificationReport(
         H=tuple(_rel(a, b) for a, b in zip(state.H, H_ref)),
         B=tuple(_rel(a, b) for a, b in zip(state.B, B_ref)),
         Delta=tuple(_rel(a, b) for a, b in zip(state.Delta, Delta_ref)),
         gradients=tuple(
-            jnp.maximum(_rel(_layer_vector(grads, net.train, l),
-                             _layer_vector(grads_ref, net.train, l)),
-                        _rel(weight_grads[l], grads_ref.weights[l]) if "weights" in net.train
-                        else 0.0)
-            for l in range(net.depth)),
+            jnp.maximum(tiny if b is None else _rel(a, b),
+                        tiny if gw is None else _rel(weight_grads[l], gw))
+            for l, (a, b, gw) in enumerate(zip(ours, ref, _weights_or_none(grads_ref, L)))),
         K=tuple(_rel(a, b) for a, b in zip(kernels.K, K_ref)),
         kernel=jnp.maximum(_rel(K, sum(K_ref)), _rel(kernels.total, sum(K_ref))),
         residual_velocity=_rel(-apply_kernel(K, state.r), df),

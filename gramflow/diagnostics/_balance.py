@@ -7,7 +7,7 @@ from jaxtyping import Array, Float
 
 from .._checks import check_net
 from .._network import ReLUNet
-from .._structure import masked_weight, neuron_balance
+from .._network import neuron_balance
 
 
 def balance(net: ReLUNet) -> tuple[Float[Array, " N_l"] | None, ...]:
@@ -44,5 +44,5 @@ def gain_balance(net: ReLUNet) -> Float[Array, " L"]:
     if net.gains is None or not {"gains", "weights"} <= set(net.train):
         raise ValueError("gain_balance needs a network whose gains and weights are both trained "
                          "(`ReLUNet.init(..., gains=1.0)`).")
-    return jnp.stack([net.gains[l] ** 2 - jnp.sum(masked_weight(net, l) ** 2)
+    return jnp.stack([net.gains[l] ** 2 - jnp.sum(net.layers[l].masked() ** 2)
                       for l in range(net.depth)])

@@ -12,10 +12,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._checks import check_inputs
 from .._kernels import collective_kernel, layer_kernels
-from .._network import ReLUNet, _positive_int
-from .._observables import flat_kernel
-from .._state import forward
-from .._structure import masked_weight, structure_kwargs
+from .._algebra import flat_kernel
+from .._network import ReLUNet, _positive_int, forward, structure_kwargs
 from .._sweep import sweep
 
 
@@ -85,9 +83,9 @@ def _robustness(net, X, y, eps, n, key):
         keys = jax.random.split(kw, net.depth)
         moved = []
         for l, (kl, W) in enumerate(zip(keys, net.weights)):
-            d = masked_weight(net, l, unit(kl, W.shape))
+            d = net.layers[l].masked(unit(kl, W.shape))
             d = d / jnp.linalg.norm(d)
-            moved.append(W + eps * jnp.linalg.norm(masked_weight(net, l)) * d)
+            moved.append(W + eps * jnp.linalg.norm(net.layers[l].masked()) * d)
         Lw, fw, Kw = measure(eqx.tree_at(lambda m: m.weights, net, tuple(moved)), X)
         return (jnp.abs(Li - L0) / L0, rel(fi, f0), rel(Ki, K0),
                 jnp.abs(Lw - L0) / L0, rel(fw, f0), rel(Kw, K0))

@@ -11,10 +11,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._checks import check_inputs
 from .._kernels import layer_kernels
 from .._matvec import block_krylov_eigs
-from .._network import ReLUNet, _positive_int
-from .._observables import flat_kernel
-from .._state import forward
-from .._structure import parameters, trainable, with_parameters
+from .._algebra import flat_kernel
+from .._network import ReLUNet, _positive_int, forward, parameters, trainable, with_parameters
 
 
 class Sensitivity(eqx.Module):

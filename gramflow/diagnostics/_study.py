@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._closure import _progress
 from .._mask import Mask
-from .._network import ReLUNet
+from .._network import ReLUNet, structure_kwargs
+from .._progress import progress_bar
 from .._simulate import simulate
-from .._structure import structure_kwargs
 from ._robustness import kernel_spectrum, robustness
 from ._spectral import eigenvalue_sensitivity, sharpness
 
@@ -143,7 +142,7 @@ def structure_study(
     names, depths, seeds = tuple(structures), tuple(int(L) for L in depths), tuple(seeds)
     out = {m: np.full((len(names), len(depths), len(seeds)), np.nan) for m in METRICS}
     curves = np.zeros((len(names), len(depths), len(seeds), steps + 1))
-    bar = _progress(len(names) * len(depths), progress, desc="structure study", unit="depth")
+    bar = progress_bar(len(names) * len(depths), progress, desc="structure study", unit="depth")
     for i, name in enumerate(names):
         structure = structures[name]
         for j, L in enumerate(depths):
