@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import numpy as np
 
@@ -61,15 +63,25 @@ class Mask:
 
     @classmethod
     def banded(cls, shape, bandwidth: int) -> Mask:
-        """Local connectivity: unit i reads inputs whose relative position is within
-        `bandwidth` of its own (`|i/N_out − j/N_in| · max(N_out, N_in) ≤ bandwidth`)."""
+        """Local connectivity. Units and inputs are placed on one axis of length
+        `n = max(N_out, N_in)`, unit i at `u_i = (i + ½) n / N_out` and input j at
+        `v_j = (j + ½) n / N_in`; unit i reads input j when
+
+            |u_i − v_j| ≤ bandwidth + ½   or   j = ⌊(i + ½) N_in / N_out⌋,
+
+        the second term being the input nearest to unit i, so that no unit is cut off (on a
+        layer taller than wide, the band alone misses units). For a square layer both reduce
+        to `|i − j| ≤ bandwidth`."""
         n_out, n_in = _shape(shape)
-        if not isinstance(bandwidth, int) or bandwidth < 0:
+        if isinstance(bandwidth, bool) or not isinstance(bandwidth, int) or bandwidth < 0:
             raise ValueError(f"`bandwidth` must be an int ≥ 0, got {bandwidth!r}.")
         n = max(n_out, n_in)
         pos_out = (np.arange(n_out) + 0.5) * n / n_out
         pos_in = (np.arange(n_in) + 0.5) * n / n_in
-        return cls(np.abs(pos_out[:, None] - pos_in[None, :]) <= bandwidth + 0.5)
+        a = np.abs(pos_out[:, None] - pos_in[None, :]) <= bandwidth + 0.5
+        nearest = (2 * np.arange(n_out) + 1) * n_in // (2 * n_out)  # ⌊(i + ½) N_in / N_out⌋
+        a[np.arange(n_out), nearest] = True
+        return cls(a)
 
     @classmethod
     def random(cls, shape, density: float, seed: int = 0) -> Mask:
@@ -115,6 +127,11 @@ class Mask:
 
     def __hash__(self):
         return hash((self.shape, self._bits))
+
+    def digest(self) -> str:
+        """A stable hex digest (SHA-256) of the shape and the pattern: equal for equal masks in
+        every process, unlike `hash()`, so it can fingerprint results on disk."""
+        return hashlib.sha256(repr(self.shape).encode() + self._bits).hexdigest()
 
     def __repr__(self):
         return f"Mask(shape={self.shape}, density={self.density:.3f}, blocks={len(self.bicliques)})"
