@@ -38,17 +38,18 @@ def _check_finite(name: str, x: jax.Array) -> jax.Array:
     return x
 
 
-def _check_dtype(name: str, x: jax.Array, dtype) -> None:
+def _check_dtype(name: str, x: jax.Array, dtype, against: str = "the network",
+                 fix: str | None = None) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"`{name}` has dtype {x.dtype}; gramflow needs floating-point data. "
             f"Cast it with `{name}.astype({jnp.dtype(dtype).name})`."
         )
     if x.dtype != dtype:
+        fix = f"build the network with `dtype={x.dtype.name}`" if fix is None else fix
         raise TypeError(
-            f"mixed dtypes: `{name}` is {x.dtype} but the network is {jnp.dtype(dtype).name}; "
-            f"cast `{name}` with `.astype({jnp.dtype(dtype).name})` or build the network "
-            f"with `dtype={x.dtype.name}`."
+            f"mixed dtypes: `{name}` is {x.dtype} but {against} is {jnp.dtype(dtype).name}; "
+            f"cast `{name}` with `.astype({jnp.dtype(dtype).name})` or {fix}."
         )
 
 
@@ -69,6 +70,9 @@ def check_net(net) -> None:
             f"`net` is a batch of networks (scales of shape {net.scales.shape}); map over it "
             "with `jax.vmap(fn, in_axes=(0, None, ...))` instead of passing it directly."
         )
+    # `equinox.tree_at` and `jax.tree.unflatten` rebuild a module without `__init__`: validate
+    # again (shapes and dtypes only, so this is free under `jax.jit`).
+    net.__check_init__()
 
 
 def check_inputs(net, X, y=None):
@@ -77,31 +81,49 @@ def check_inputs(net, X, y=None):
     Returns `(X, y)` as arrays, wrapped in `equinox.error_if` when traced.
     """
     check_net(net)
+    return check_data(X, y, net=net)
+
+
+def check_data(X, y=None, *, net=None, out_dim: int | None = None):
+    """Validate `X` of shape `(P, d)` and `y` of shape `(P,)` or `(P, k)`: against `net` if
+    given, else (before any network exists, as in `sweep`) against the argument `out_dim`
+    (`None`: scalar targets) and `X`'s own floating dtype.
+
+    Returns `(X, y)` as arrays, wrapped in `equinox.error_if` when traced.
+    """
     X = _as_array("X", X)
     if X.ndim != 2:
         raise ValueError(
             f"`X` must be 2-D of shape (P, d), one row per sample, got shape {X.shape}."
         )
-    if X.shape[1] != net.in_dim:
+    if net is not None and X.shape[1] != net.in_dim:
         raise ValueError(
             f"`X` has shape {X.shape}: its {X.shape[1]} columns must equal the network's "
             f"in_dim = {net.in_dim}."
         )
     if X.shape[0] == 0:
         raise ValueError("`X` has no samples (P = 0).")
-    _check_dtype("X", X, net.dtype)
+    if net is not None:
+        dtype, k, against, fix = net.dtype, net.out_dim, "the network", None
+    else:
+        dtype = X.dtype if jnp.issubdtype(X.dtype, jnp.floating) else jnp.result_type(float)
+        k, against, fix = out_dim, "`X`", "cast `X` (the networks are built in its dtype)"
+    _check_dtype("X", X, dtype, against, fix)
     X = _check_finite("X", X)
     if y is None:
         return X, None
     y = _as_array("y", y)
-    P, k = X.shape[0], net.out_dim
+    P = X.shape[0]
     expected = (P,) if k is None else (P, k)
     if y.shape != expected:
         what = "a scalar output" if k is None else f"an output of dimension k = {k}"
+        owner = "the network has" if net is not None else f"`out_dim` = {out_dim} asks for"
+        hint = "" if net is not None else (
+            " (`out_dim=None` for targets of shape (P,), `out_dim=k` for (P, k))")
         raise ValueError(
-            f"`y` has shape {y.shape}, but `X` has P = {P} samples and the network has {what}"
-            f" (readout of shape {net.readout.shape}): expected `y` of shape {expected}."
+            f"`y` has shape {y.shape}, but `X` has P = {P} samples and {owner} {what}: "
+            f"expected `y` of shape {expected}{hint}."
         )
-    _check_dtype("y", y, net.dtype)
+    _check_dtype("y", y, dtype, against, fix)
     y = _check_finite("y", y)
     return X, y

@@ -1,5 +1,6 @@
 """Every bad input of the foundation issue raises a clear error naming the argument."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +179,20 @@ def test_verify_refuses_huge_jacobians(getkey):
     net = gf.ReLUNet.init(getkey(), 4, (4096, 4096))
     with pytest.raises(ValueError, match="GiB.*above the 2 GiB limit.*subset of the samples"):
         gf.verify(net, jnp.ones((64, 4)), jnp.ones(64))
+
+
+@pytest.mark.parametrize("name", sorted(set(ENTRY_POINTS) - {"call"}))
+def test_tree_at_cannot_bypass_validation(prob, name):
+    """`equinox.tree_at` rebuilds a network without `__init__`; every entry point validates
+    it again, with the constructor's message."""
+    net, X, y = prob
+    wrong_shape = eqx.tree_at(lambda n: n.weights, net, (net.weights[0], net.weights[1][:, :-1]))
+    shape_error = r"`weights\[1\]` has shape \(\d+, \d+\): its fan-in \d+ must equal the width"
+    with pytest.raises(ValueError, match=shape_error):
+        ENTRY_POINTS[name](wrong_shape, X, y)
+    wrong_dtype = eqx.tree_at(lambda n: n.readout, net, net.readout.astype(jnp.float32))
+    with pytest.raises(TypeError, match=r"mixed dtypes: `weights\[0\]` is float64 but `readout` "
+                                        r"is float32"):
+        ENTRY_POINTS[name](wrong_dtype, X, y)
+    with pytest.raises(ValueError, match=shape_error):  # shapes only: checked under jit too
+        jax.jit(ENTRY_POINTS[name])(wrong_shape, X, y)
