@@ -3,7 +3,9 @@ resumable."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -15,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._checks import check_inputs
-from ._network import PARAMETRIZATIONS, ReLUNet
+from ._checks import check_data
+from ._mask import Mask
+from ._network import PARAMETRIZATIONS, ReLUNet, _positive_int
 from ._observables import validate
 from ._simulate import _check_engines, simulate
 from ._structure import structure_kwargs
@@ -27,18 +30,23 @@ _PER_LAYER = {"kernel_trace", "kernel_share", "active_fraction", "coactivation_d
 
 
 class SweepResult(eqx.Module):
-    """Recorded observables over a grid of configurations.
+    """Recorded observables over a grid of configurations; `D, W, S, R = len(depths),
+    len(widths), len(seeds), len(lrs)` and `T` records.
 
     **Fields:**
 
-    - `loss`: `(len(depths), len(widths), len(seeds), len(lrs), T)`.
-    - `observables`: dict of the other recorded observables, each with those five leading
-      axes and then the observable's own shape (`gramflow.OBSERVABLES`); per-layer ones are
-      padded with NaN to the largest depth.
-    - `first_nonfinite`: `(len(depths), len(widths), len(seeds), len(lrs))`, −1 if finite.
-    - `step`: `(T,)` steps of the records.
-    - `depths`, `widths`, `seeds`: the grid (widths as per-layer tuples per depth,
-      `arch[i][j]` for depth i and width j); `lrs`: `(len(lrs),)`.
+    - `loss`: `(D, W, S, R, T)`, `½ Σ r²` at each record.
+    - `observables`: dict of the other recorded observables (`r` among them if recorded),
+      each `(D, W, S, R, T, ...)` with the observable's own shape last
+      (`gramflow.OBSERVABLES`); per-layer ones are padded with NaN to the largest depth.
+    - `first_nonfinite`: `(D, W, S, R)`, the first step with a non-finite value, −1 if none.
+    - `step`: `(T,)`, the steps of the records.
+    - `lrs`: `(R,)`, the learning rates, in the data's dtype.
+    - `depths`: the numbers of hidden layers, as given (static).
+    - `widths`: the width entries, as given: ints or per-layer tuples (static).
+    - `seeds`: the seeds, as ints (static).
+    - `arch`: `arch[i][j]`, the per-layer widths of depth `depths[i]` and width entry
+      `widths[j]` (static).
     """
 
     loss: Float[Array, "D W S R T"]
@@ -123,8 +131,30 @@ def _fingerprint(X, y, config) -> str:
     h = hashlib.sha256()
     h.update(np.asarray(X).tobytes())
     h.update(np.asarray(y).tobytes())
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(json.dumps(config, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def _describe(value):
+    """A JSON description of a structure argument that changes with its content: masks and
+    arrays by a digest of their values (`repr(Mask)` shows only shape and density)."""
+    if isinstance(value, Mask):
+        return {"mask": list(value.shape), "sha256": value.digest()}
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        a = np.asarray(value)
+        return {"array": list(a.shape), "dtype": str(a.dtype),
+                "sha256": hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()}
+    return repr(value)
+
+
+def _checksum(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def _run_chunk(fn, nets, lrs, sharding):
@@ -135,30 +165,76 @@ def _run_chunk(fn, nets, lrs, sharding):
 
 
 def _atomic_save(directory, stem, arrays, meta) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-    os.close(fd)
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, os.path.join(directory, stem + ".npz"))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(directory, stem + ".json"))  # the JSON marks it finished
+    """`stem.npz` then `stem.json` (which marks the chunk finished), each written atomically;
+    the JSON holds the npz's SHA-256 and a checksum of itself, so damage is detected."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    meta = {**meta, "npz_sha256": hashlib.sha256(data).hexdigest()}
+    meta["checksum"] = _checksum(meta)
+    for suffix, payload in ((".npz", data), (".json", json.dumps(meta, indent=1).encode())):
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix + ".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, os.path.join(directory, stem + suffix))
 
 
-def _load_chunk(directory, stem, fingerprint):
-    meta_path = os.path.join(directory, stem + ".json")
-    if not os.path.exists(meta_path):
-        return None
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"`out` = {directory!r} holds chunks of a different sweep (fingerprint "
-            f"{meta.get('fingerprint')} ≠ {fingerprint}); pass another directory or empty it."
-        )
-    with np.load(os.path.join(directory, stem + ".npz")) as data:
-        return {key: data[key] for key in data.files}
+def _damaged(meta_path, why) -> ValueError:
+    npz_path = meta_path[: -len(".json")] + ".npz"
+    return ValueError(
+        f"the sweep chunk {meta_path} (with {os.path.basename(npz_path)}) is damaged: {why}. "
+        f"Delete {meta_path} and {npz_path} to recompute that chunk."
+    )
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _load_finished(directory, prefix, fingerprint, config, n):
+    """The finished chunks `prefix_configs*.json` in `directory`, as `(indices, arrays)` pairs
+    (indices into the `n` configurations of the group). Chunks of another chunking are fine;
+    a chunk of another sweep, or a damaged one, raises `ValueError` naming the file."""
+    pieces = []
+    for meta_path in sorted(glob.glob(os.path.join(glob.escape(str(directory)),
+                                                   glob.escape(prefix) + "_configs*.json"))):
+        try:
+            with open(meta_path, "rb") as f:
+                meta = json.loads(f.read().decode())
+            intact = meta.pop("checksum") == _checksum(meta)
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+            raise _damaged(meta_path, f"cannot read it ({type(err).__name__}: {err})") from err
+        if not intact:
+            raise _damaged(meta_path, "its content does not match its checksum")
+        if meta["fingerprint"] != fingerprint:
+            old = meta.get("config", {})
+            diff = [f"{k} = {_short(old.get(k))} there, {_short(config.get(k))} now"
+                    for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+            raise ValueError(
+                f"`out` = {str(directory)!r} holds chunks of a different sweep ("
+                f"{os.path.basename(meta_path)}): "
+                + ("; ".join(diff) if diff else "the data `X`, `y` differ")
+                + ". Pass another `out` directory, or empty this one to start over."
+            )
+        npz_path = meta_path[: -len(".json")] + ".npz"
+        try:
+            with open(npz_path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise _damaged(meta_path, f"cannot read {os.path.basename(npz_path)} "
+                                      f"({type(err).__name__}: {err})") from err
+        if hashlib.sha256(data).hexdigest() != meta["npz_sha256"]:
+            raise _damaged(meta_path, f"{os.path.basename(npz_path)} does not match the "
+                                      "checksum in the JSON (truncated or modified)")
+        with np.load(io.BytesIO(data)) as z:  # the bytes written: they load
+            arrays = {key: z[key] for key in z.files}
+        index = np.asarray(meta["index"], np.int64)
+        if index.size == 0 or index.min() < 0 or index.max() >= n or any(
+                len(v) != len(index) for v in arrays.values()):
+            raise _damaged(meta_path, "its configuration indices do not fit this sweep")
+        pieces.append((index, arrays))
+    return pieces
 
 
 def _progress(total, enabled):
@@ -198,7 +274,8 @@ def sweep(
     chunks that fit `max_bytes` (default: half the accelerator's memory, or a quarter of the
     host's RAM on CPU), run one compiled call per chunk with a progress bar, and, with more
     than one device, sharded over the devices along the configuration axis
-    (`jax.sharding.Mesh` + `NamedSharding`).
+    (`jax.sharding.Mesh` + `NamedSharding`). The chunking changes neither the results nor
+    what a rerun into the same `out` can reuse.
 
     **Arguments:**
 
@@ -216,14 +293,21 @@ def sweep(
       (e.g. masks of different widths) cannot share one vmap: each such group compiles
       separately.
     - `out`: a directory; each finished chunk is written there atomically (npz + JSON with its
-      grid coordinates, versions and a fingerprint of the sweep) and a rerun loads finished
-      chunks instead of recomputing them.
+      configurations, versions, the sweep's configuration and fingerprint, and checksums) and
+      a rerun loads finished chunks instead of recomputing them, whatever their chunking
+      (another `max_bytes` or device count), computing only the missing configurations.
+      Chunks of a different sweep (other data, grid, structure, ...) raise `ValueError`
+      naming what differs; a damaged chunk (truncated or modified file) raises `ValueError`
+      naming the files to delete to recompute it — nothing is silently recomputed or reused.
 
     **Returns:** a `SweepResult` with arrays `(len(depths), len(widths), len(seeds),
     len(lrs), T, ...)`.
     """
     from . import __version__
 
+    steps = _positive_int("steps", steps)
+    record_every = _positive_int("record_every", record_every)
+    out_dim = None if out_dim is None else _positive_int("out_dim", out_dim)
     widths, depths, seeds = tuple(widths), tuple(depths), tuple(int(s) for s in seeds)
     arch = _architectures(widths, depths)
     if not seeds:
@@ -231,15 +315,10 @@ def sweep(
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(f"unknown parametrization {parametrization!r}; expected one of "
                          f"{PARAMETRIZATIONS}.")
-    X = jnp.asarray(X)
-    probe = ReLUNet.init(jax.random.key(0), X.shape[-1] if X.ndim == 2 else 1, (1,),
-                         out_dim=out_dim, dtype=X.dtype if jnp.issubdtype(X.dtype, jnp.floating) else None)
-    X, y = check_inputs(probe, X, y)
+    X, y = check_data(X, y, out_dim=out_dim)
     lr_values = np.asarray(lrs, dtype=np.float64).reshape(-1)
     if lr_values.size == 0 or not np.all(np.isfinite(lr_values)) or np.any(lr_values <= 0):
         raise ValueError(f"`lrs` must be non-empty, positive and finite, got {lrs!r}.")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
-        raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
     _check_engines(engine, reference, None, transport, operators)
     names = validate(observables, engine=engine, top_m=top_m)
     P, d = X.shape
@@ -253,7 +332,7 @@ def sweep(
         mesh = jax.sharding.Mesh(np.array(devices), ("configs",))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("configs"))
     lrs_arr = jnp.asarray(lr_values, X.dtype)
-    n_configs = len(widths) * len(seeds) * len(lr_values)
+    n_sr = len(seeds) * len(lr_values)  # configurations per width
 
     seed_keys = jnp.stack([jax.random.key(s) for s in seeds])
     plans, struct_desc = [], []
@@ -271,31 +350,42 @@ def sweep(
         nets, groups = [], {}
         for w, a in enumerate(arch[i]):
             kw = structure_kwargs(structure, d, a)
-            struct_desc.append(repr(sorted(kw.items())))
+            struct_desc.append(_describe(kw))
             net = jax.vmap(lambda key, a=a, kw=kw: ReLUNet.init(
                 key, d, a, out_dim=out_dim, parametrization=parametrization, dtype=X.dtype,
                 **kw))(seed_keys)
             nets.append(net)
             groups.setdefault(jax.tree.structure(net), []).append(w)
-        chunk = max(1, min(n_configs, budget // per))
+        chunk = max(1, min(len(widths) * n_sr, budget // per))
         chunk = -(-chunk // n_dev) * n_dev if chunk >= n_dev else n_dev  # whole devices
         parts = []
         for g, ws in enumerate(groups.values()):
             pad_to = tuple(max(arch[i][w][l] for w in ws) for l in range(L))
             group = [jax.vmap(lambda n: pad_network(n, pad_to))(nets[w]) for w in ws]
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *group)  # (W, S, ...)
-            n = len(ws) * len(seeds) * len(lr_values)
-            parts.append((g, ws, stacked, -(-n // chunk), pad_to))
-        plans.append((padded, chunk, parts))
+            parts.append((g, ws, stacked, pad_to))
+        plans.append((chunk, parts))
 
-    config = dict(widths=[list(a) for row in arch for a in row], depths=depths, seeds=seeds,
-                  lrs=lr_values.tolist(), steps=steps, engine=engine, record_every=record_every,
-                  parametrization=parametrization, out_dim=out_dim, names=names, top_m=top_m,
-                  reference=reference, transport=transport, operators=operators,
-                  chunks=[p[1] for p in plans], dtype=str(X.dtype), structure=struct_desc)
+    # What the results depend on (not the chunking): the fingerprint of the chunk files.
+    config = dict(widths=[list(a) for row in arch for a in row], depths=[int(L) for L in depths],
+                  seeds=list(seeds), lrs=lr_values.tolist(), steps=steps, engine=engine,
+                  record_every=record_every, parametrization=parametrization, out_dim=out_dim,
+                  names=list(names), top_m=top_m, reference=reference, transport=transport,
+                  operators=operators, dtype=str(X.dtype), structure=struct_desc)
+    config = json.loads(json.dumps(config))  # as read back from a chunk file
     fingerprint = _fingerprint(X, y, config)
+    # Per (depth, group): the finished chunks `(configuration indices, arrays)`, loaded up
+    # front, and the indices of the configurations still to run.
+    finished, todo = {}, {}
     if out is not None:
         os.makedirs(out, exist_ok=True)
+    for i, L in enumerate(depths):
+        for g, ws, _, _ in plans[i][1]:
+            n = len(ws) * n_sr
+            finished[i, g] = [] if out is None else _load_finished(
+                out, f"depth{L}_group{g}", fingerprint, config, n)
+            covered = [index for index, _ in finished[i, g]]
+            todo[i, g] = np.setdiff1d(np.arange(n), np.concatenate(covered) if covered else [])
 
     def single(net, lr):
         traj = simulate(net, X, y, steps=steps, lr=lr, engine=engine, observables=names,
@@ -306,36 +396,37 @@ def sweep(
                 "step": traj.step}
 
     fn = jax.jit(jax.vmap(single))
-    bar = _progress(sum(p[3] for plan in plans for p in plan[2]), progress)
+    bar = _progress(sum(-(-len(t) // plans[i][0]) for (i, _), t in todo.items()), progress)
     per_depth = []
     for i, L in enumerate(depths):
-        padded, chunk, parts = plans[i]
+        chunk, parts = plans[i]
         merged = {}
-        for g, ws, nets, n_chunks, pad_to in parts:
-            grid = np.stack(np.unravel_index(np.arange(len(ws) * len(seeds) * len(lr_values)),
-                                             (len(ws), len(seeds), len(lr_values))), axis=1)
-            results = []
-            for c in range(n_chunks):
-                idx = grid[c * chunk:(c + 1) * chunk]
-                stem = f"depth{L}_chunk{c:05d}" if len(parts) == 1 else f"depth{L}_group{g}_chunk{c:05d}"
-                done = _load_chunk(out, stem, fingerprint) if out is not None else None
-                if done is None:
-                    fill = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx), 0)])
-                    batch = jax.tree.map(lambda a: a[fill[:, 0], fill[:, 1]], nets)
-                    done = _run_chunk(fn, batch, lrs_arr[fill[:, 2]], sharding)
-                    done = {key: v[: len(idx)] for key, v in done.items()}
-                    if out is not None:
-                        meta = dict(
-                            fingerprint=fingerprint, depth=L, chunk=c,
-                            configs=[dict(width=list(arch[i][ws[w]]), seed=seeds[s],
-                                          lr=float(lr_values[r])) for w, s, r in idx],
-                            gramflow=__version__, jax=jax.__version__,
-                        )
-                        _atomic_save(out, stem, done, meta)
-                results.append(done)
+        for g, ws, nets, pad_to in parts:
+            n = len(ws) * n_sr
+            grid = np.stack(np.unravel_index(np.arange(n), (len(ws), len(seeds),
+                                                            len(lr_values))), axis=1)
+            pieces = finished[i, g]
+            for start in range(0, len(todo[i, g]), chunk):
+                index = todo[i, g][start:start + chunk]
+                idx = grid[index]
+                fill = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx), 0)])
+                batch = jax.tree.map(lambda a: a[fill[:, 0], fill[:, 1]], nets)
+                done = _run_chunk(fn, batch, lrs_arr[fill[:, 2]], sharding)
+                done = {key: v[: len(idx)] for key, v in done.items()}
+                if out is not None:
+                    meta = dict(
+                        fingerprint=fingerprint, depth=int(L), group=g, index=index.tolist(),
+                        configs=[dict(width=list(arch[i][ws[w]]), seed=seeds[s],
+                                      lr=float(lr_values[r])) for w, s, r in idx],
+                        config=config, gramflow=__version__, jax=jax.__version__,
+                    )
+                    _atomic_save(out, f"depth{L}_group{g}_configs{index[0]:05d}", done, meta)
+                pieces.append((index, done))
                 bar.update(1)
-            for key in results[0]:
-                v = np.concatenate([r[key] for r in results])
+            for key, first in pieces[0][1].items():
+                v = np.empty((n,) + first.shape[1:], first.dtype)
+                for index, done in pieces:
+                    v[index] = done[key]
                 v = v.reshape((len(ws), len(seeds), len(lr_values)) + v.shape[1:])
                 if key not in merged:
                     merged[key] = np.zeros((len(widths),) + v.shape[1:], v.dtype)

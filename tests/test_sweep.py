@@ -134,8 +134,10 @@ def test_interrupted_sweep_resumes(data, tmp_path, monkeypatch):
     finished = sorted(p.name for p in tmp_path.glob("*.json"))
     assert len(finished) == 3 and not list(tmp_path.glob("*.tmp"))
     meta = json.loads((tmp_path / finished[0]).read_text())
-    assert {"fingerprint", "depth", "chunk", "configs", "gramflow", "jax"} <= set(meta)
+    assert {"fingerprint", "depth", "group", "index", "configs", "config", "gramflow",
+            "jax"} <= set(meta)
     assert {"width", "seed", "lr"} == set(meta["configs"][0])
+    assert len(meta["index"]) == len(meta["configs"])
 
     recomputed = []
     monkeypatch.setattr(sweep_module, "_run_chunk",
@@ -148,8 +150,90 @@ def test_interrupted_sweep_resumes(data, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "_run_chunk", lambda *a: again.append(1) or real(*a))
     gf.sweep(X, y, out=tmp_path, **kw)
     assert again == []
-    with pytest.raises(ValueError, match="holds chunks of a different sweep"):
+    with pytest.raises(ValueError, match="holds chunks of a different sweep.*steps = 10 there, "
+                                         "11 now"):
         gf.sweep(X, y, out=tmp_path, **{**kw, "steps": 11})
+
+
+def test_resume_with_another_chunking(data, tmp_path, monkeypatch):
+    """The chunk size depends on `max_bytes` (by default on the host's memory) and on the
+    device count: a resume with another chunking reuses what is finished."""
+    X, y = data
+    per = sweep_module._bytes_per_config((5,), 10, 4, 1, 11, ("loss", "r"), 5, 8)
+    kw = dict(widths=(3, 5), depths=(1,), seeds=(0, 1, 2), lrs=(0.05, 0.1), steps=10,
+              progress=False)
+    reference = gf.sweep(X, y, **kw)
+    real = sweep_module._run_chunk
+    calls = []
+
+    def interrupted(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(sweep_module, "_run_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gf.sweep(X, y, out=tmp_path, max_bytes=5 * per, **kw)  # chunks of 5 configurations
+    before = {p.name for p in tmp_path.glob("*.json")}
+    assert len(before) == 2
+    sizes = []
+    monkeypatch.setattr(sweep_module, "_run_chunk",
+                        lambda *a: sizes.append(len(a[2])) or real(*a))
+    resumed = gf.sweep(X, y, out=tmp_path, max_bytes=2 * per, **kw)  # chunks of 2
+    assert sizes == [2]  # the 2 configurations of 12 that were not finished
+    indices = [json.loads(p.read_text())["index"] for p in sorted(tmp_path.glob("*.json"))]
+    assert sorted(i for index in indices for i in index) == list(range(12))
+    assert rel_err(resumed.observables["r"], reference.observables["r"]) <= 1e-12
+    again = gf.sweep(X, y, out=tmp_path, **kw)  # default max_bytes: nothing left to run
+    assert sizes == [2] and np.array_equal(again.observables["r"], resumed.observables["r"])
+
+
+def test_masks_with_equal_shape_and_density_are_different_sweeps(data, tmp_path):
+    X, y = data
+    eye, flipped = gf.Mask(np.eye(4)), gf.Mask(np.eye(4)[::-1])
+    assert repr(eye) == repr(flipped)  # what the fingerprint used to see
+    kw = dict(widths=(4,), depths=(1,), seeds=(0,), lrs=(0.1,), steps=5, progress=False,
+              out=tmp_path)
+    first = gf.sweep(X, y, structure=dict(masks=(eye,)), **kw)
+    with pytest.raises(ValueError, match=r"holds chunks of a different sweep.*structure"):
+        gf.sweep(X, y, structure=dict(masks=(flipped,)), **kw)
+    fresh = gf.sweep(X, y, structure=dict(masks=(flipped,)), **{**kw, "out": None})
+    assert not np.allclose(fresh.loss, first.loss)
+    same = gf.sweep(X, y, structure=dict(masks=(gf.Mask(np.eye(4)),)), **kw)  # resumes
+    assert np.array_equal(same.loss, first.loss)
+    arrays = {**kw, "out": tmp_path / "arrays"}  # masks given as 0/1 arrays: by value too
+    gf.sweep(X, y, structure=dict(masks=(np.eye(4),)), **arrays)
+    with pytest.raises(ValueError, match=r"different sweep.*structure"):
+        gf.sweep(X, y, structure=dict(masks=(np.eye(4)[::-1],)), **arrays)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip])
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_damaged_chunk_is_named(data, tmp_path, damage, suffix):
+    X, y = data
+    kw = dict(widths=(3,), depths=(1,), seeds=(0, 1), lrs=(0.1,), steps=5, progress=False,
+              out=tmp_path, max_bytes=sweep_module._bytes_per_config(
+                  (3,), 10, 4, 1, 6, ("loss", "r"), 5, 8))
+    first = gf.sweep(X, y, **kw)
+    meta, npz = sorted(tmp_path.glob("*.json"))[-1], sorted(tmp_path.glob("*.npz"))[-1]
+    damage(meta if suffix == ".json" else npz)
+    with pytest.raises(ValueError, match="damaged") as err:
+        gf.sweep(X, y, **kw)
+    assert str(meta) in str(err.value) and f"Delete {meta} and {npz}" in str(err.value)
+    meta.unlink()
+    npz.unlink()
+    assert np.array_equal(gf.sweep(X, y, **kw).loss, first.loss)  # recomputed
 
 
 def test_divergent_configurations_are_reported(data):
@@ -171,7 +255,25 @@ def test_bad_sweeps(data):
         gf.sweep(X, y, **kw, parametrization="mup")
     with pytest.raises(ValueError, match="`depths` entries must be positive ints"):
         gf.sweep(X, y, **{**kw, "depths": (0,)})
-    with pytest.raises(ValueError, match="`y` has shape"):
-        gf.sweep(X, y[:4], **kw)
+    for bad_y, expected in ((y[:4], r"\(10,\)"), (y[:, None], r"\(10,\)")):
+        with pytest.raises(ValueError, match=r"`y` has shape .*`out_dim` = None asks for a "
+                                             rf"scalar output: expected `y` of shape {expected}"
+                           ) as err:
+            gf.sweep(X, bad_y, **kw)
+        assert "readout" not in str(err.value)  # no network the caller did not build
+    with pytest.raises(ValueError, match=r"`out_dim` = 2 .* expected `y` of shape \(10, 2\)"):
+        gf.sweep(X, y, out_dim=2, **kw)
+    for name in ("steps", "record_every"):
+        with pytest.raises(ValueError, match=f"`{name}` must be a positive int, got 0"):
+            gf.sweep(X, y, **{**kw, name: 0})
     with pytest.raises(TypeError, match="`X` has dtype int"):
         gf.sweep(jnp.ones((10, 4), jnp.int32), y, **kw)
+
+
+def test_sweep_result_docstring_lists_exactly_its_fields():
+    import dataclasses
+    import re
+
+    doc = gf.SweepResult.__doc__.split("**Fields:**")[1]
+    listed = re.findall(r"^\s*- `(\w+)`:", doc, flags=re.M)
+    assert listed == [f.name for f in dataclasses.fields(gf.SweepResult)]
