@@ -2,7 +2,8 @@
 
 Subcommands: `demo` (the main job), `verify`, `simulate`, `sweep`. `simulate` and `sweep` take
 their configuration from flags or a TOML file (`--config run.toml`, keys named as the flags
-with `_` for `-`); flags given on the command line win over the file.
+with `_` for `-`, checked as the flags are; a key that takes several values also takes one);
+flags given on the command line win over the file.
 """
 
 from __future__ import annotations
@@ -115,10 +116,13 @@ def _structure(name):
     return (lambda d, widths: {}) if fn is None else fn
 
 
+STRUCTURE_OPTION = dict(choices=STRUCTURES, help="structured layers: 4 block-diagonal "
+                        "pathways, skip paths + gains, or both "
+                        "(gramflow.diagnostics.default_structures)")
+
+
 def _structure_argument(parser, default=None):
-    parser.add_argument("--structure", default=default, choices=STRUCTURES,
-                        help="structured layers: 4 block-diagonal pathways, skip paths + gains, "
-                             "or both (gramflow.diagnostics.default_structures)")
+    parser.add_argument("--structure", default=default, **STRUCTURE_OPTION)
 
 
 def _load_toml(path):
@@ -129,29 +133,142 @@ def _load_toml(path):
     except ImportError:  # Python 3.10
         import tomli as tomllib
     with open(path, "rb") as f:
-        return tomllib.load(f)
+        try:
+            return tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read config {path}: {err}; fix the TOML there.") from err
 
 
-def _merge(args, defaults: dict) -> dict:
+def _is(value, kind) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, {int: int, float: (int, float)}.get(kind, str))
+
+
+def _toml_value(path, key, value, option: dict):
+    """`value` of `key` in the TOML file `path`, checked as its flag (`option`: the
+    `add_argument` keywords) would check it; a key with `nargs="+"` also takes one value."""
+    many = option.get("nargs") == "+"
+    kind = option.get("type", str)
+    if isinstance(value, list) and not many:
+        raise ValueError(f"`{key}` in {path} takes one value, got the list {value!r}; write "
+                         f"e.g. `{key} = {_literal(value[0]) if value else '...'}`.")
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError(f"`{key}` in {path} is an empty list; give at least one value.")
+    for v in items:
+        per_layer = key == "widths" and isinstance(v, list) and v and all(_is(n, int) for n in v)
+        if not (_is(v, kind) or per_layer):
+            what = {int: "an int", float: "a number"}.get(kind, "a string")
+            raise ValueError(
+                f"`{key}` in {path} must be {what}{' or a list of them' if many else ''}, "
+                f"got {value!r}."
+            )
+        if "choices" in option and v not in option["choices"]:
+            raise ValueError(f"`{key}` in {path} is {v!r}; choose from "
+                             f"{list(option['choices'])}.")
+    return items if many else value
+
+
+def _literal(value) -> str:
+    """`value` as written in TOML."""
+    return json.dumps(value)
+
+
+def _merge(args, defaults: dict, options: dict) -> dict:
     """defaults ← TOML file ← flags given on the command line."""
     config = dict(defaults)
-    file = _load_toml(getattr(args, "config", None))
+    path = getattr(args, "config", None)
+    file = _load_toml(path)
     unknown = set(file) - set(defaults)
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} in {args.config}; "
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in {path}; "
                          f"known: {sorted(defaults)}")
-    config.update(file)
+    config.update({k: _toml_value(path, k, v, options[k]) for k, v in file.items()})
     config.update({k: v for k, v in vars(args).items() if k in defaults and v is not None})
     return config
 
 
+def _add_options(parser, options: dict) -> None:
+    """`--config`, then one flag per key of `options`: `--record-every` for `record_every`."""
+    parser.add_argument("--config", help="TOML file with any of the keys below (`_` for `-`)")
+    for key, kw in options.items():
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, **kw)
+
+
+def _data(c):
+    """The built-in data set of a configuration (`data`, `samples`, `seed`), in its `dtype`."""
+    from . import _demo as demo
+
+    X, y = demo.dataset(c["data"], c["samples"], seed=c.get("seed", 0))
+    return X.astype(c["dtype"]), y.astype(c["dtype"])
+
+
+DTYPES = ("float64", "float32")
+ENGINES = ("weights", "collective", "frozen_kernel")
+DATA = ("teacher", "digits")
+
+
+def _common_options():
+    from ._observables import OBSERVABLES
+
+    return dict(
+        structure=STRUCTURE_OPTION,
+        dtype=dict(choices=DTYPES, help="float32 runs without enabling 64-bit JAX"),
+        observables=dict(nargs="+", choices=tuple(OBSERVABLES), metavar="NAME",
+                         help="what to record, from gramflow.OBSERVABLES: "
+                              + ", ".join(OBSERVABLES) + " (default: the cheap ones)"),
+        out=dict(help="output folder"),
+    )
+
+
+def _simulate_options():
+    from ._network import PARAMETRIZATIONS
+
+    return dict(
+        data=dict(choices=DATA),
+        samples=dict(type=int),
+        depth=dict(type=int),
+        width=dict(type=int),
+        parametrization=dict(choices=PARAMETRIZATIONS),
+        steps=dict(type=int),
+        lr=dict(type=float, help="default: 0.5 / λ_max(K₀)"),
+        engine=dict(choices=ENGINES),
+        reference=dict(choices=(*ENGINES, "none")),
+        record_every=dict(type=int),
+        seed=dict(type=int),
+        **_common_options(),
+    )
+
+
+def _sweep_options():
+    from ._network import PARAMETRIZATIONS
+
+    return dict(
+        data=dict(choices=DATA),
+        samples=dict(type=int),
+        depths=dict(type=int, nargs="+"),
+        widths=dict(type=int, nargs="+"),
+        seeds=dict(type=int, nargs="+"),
+        lrs=dict(type=float, nargs="+"),
+        steps=dict(type=int),
+        engine=dict(choices=ENGINES),
+        parametrization=dict(choices=PARAMETRIZATIONS),
+        record_every=dict(type=int),
+        max_bytes=dict(type=int),
+        **_common_options(),
+    )
+
+
 SIMULATE_DEFAULTS = dict(data="teacher", samples=64, depth=2, width=128, parametrization="ntk",
                          steps=500, lr=None, engine="collective", reference="weights",
-                         record_every=10, seed=0, out="gramflow-simulate", structure="plain")
+                         record_every=10, seed=0, out="gramflow-simulate", structure="plain",
+                         dtype="float64", observables=None)
 
 
 def _simulate(args) -> int:
-    _x64("float64")
+    c = _merge(args, SIMULATE_DEFAULTS, _simulate_options())
+    _x64(c["dtype"])
     import jax
     import numpy as np
 
@@ -159,11 +276,10 @@ def _simulate(args) -> int:
 
     from . import _demo as demo
 
-    c = _merge(args, SIMULATE_DEFAULTS)
-    X, y = demo.dataset(c["data"], c["samples"], seed=c["seed"])
+    X, y = _data(c)
     widths = (c["width"],) * c["depth"]
     net = gf.ReLUNet.init(jax.random.key(c["seed"] + 1), X.shape[1], widths,
-                          parametrization=c["parametrization"],
+                          parametrization=c["parametrization"], dtype=X.dtype,
                           **_structure(c["structure"])(X.shape[1], widths))
     if c["lr"] is not None:
         lr = c["lr"]
@@ -173,7 +289,8 @@ def _simulate(args) -> int:
         lr = 0.5 / float(np.linalg.eigvalsh(np.asarray(gf.collective_kernel(net, X)))[-1])
     reference = None if c["reference"] in (None, "none", c["engine"]) else c["reference"]
     traj = gf.simulate(net, X, y, steps=c["steps"], lr=lr, engine=c["engine"],
-                       record_every=c["record_every"], reference=reference)
+                       record_every=c["record_every"], reference=reference,
+                       observables=c["observables"])
     out = os.path.abspath(c["out"])
     os.makedirs(out, exist_ok=True)
     arrays = {"loss": np.asarray(traj.loss), "step": np.asarray(traj.step)}
@@ -200,24 +317,23 @@ def _simulate(args) -> int:
 SWEEP_DEFAULTS = dict(data="teacher", samples=64, depths=[1, 2], widths=[32, 128],
                       seeds=[0, 1], lrs=[0.05, 0.1], steps=200, engine="weights",
                       parametrization="ntk", record_every=10, out="gramflow-sweep",
-                      max_bytes=None, structure="plain")
+                      max_bytes=None, structure="plain", dtype="float64", observables=None)
 
 
 def _sweep(args) -> int:
-    _x64("float64")
+    c = _merge(args, SWEEP_DEFAULTS, _sweep_options())
+    _x64(c["dtype"])
     import numpy as np
 
     import gramflow as gf
 
-    from . import _demo as demo
-
-    c = _merge(args, SWEEP_DEFAULTS)
-    X, y = demo.dataset(c["data"], c["samples"])
+    X, y = _data(c)
     out = os.path.abspath(c["out"])
     res = gf.sweep(X, y, widths=c["widths"], depths=c["depths"], seeds=c["seeds"],
                    lrs=c["lrs"], steps=c["steps"], engine=c["engine"],
                    parametrization=c["parametrization"], record_every=c["record_every"],
                    out=os.path.join(out, "chunks"), max_bytes=c["max_bytes"],
+                   observables=c["observables"],
                    structure=None if c["structure"] == "plain" else _structure(c["structure"]))
     arrays = {"loss": np.asarray(res.loss), "step": np.asarray(res.step),
               "first_nonfinite": np.asarray(res.first_nonfinite)}
@@ -242,10 +358,13 @@ def _sweep(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="gramflow",
         description="Gradient descent as a collective dynamics of fields on the training set.",
     )
+    parser.add_argument("--version", action="version", version=f"gramflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the main job: train, compare closures, write figures",
@@ -279,39 +398,13 @@ def main(argv: list[str] | None = None) -> int:
                        description="Gradient descent on one network; writes results.npz, "
                        "results.json and loss_curve.png. Defaults: "
                        + ", ".join(f"{k}={v}" for k, v in SIMULATE_DEFAULTS.items()))
-    s.add_argument("--config", help="TOML file with any of the keys below")
-    s.add_argument("--data", choices=["teacher", "digits"])
-    s.add_argument("--samples", type=int)
-    s.add_argument("--depth", type=int)
-    s.add_argument("--width", type=int)
-    s.add_argument("--parametrization", choices=["standard", "ntk", "mean_field"])
-    s.add_argument("--steps", type=int)
-    s.add_argument("--lr", type=float, help="default: 0.5 / λ_max(K₀)")
-    s.add_argument("--engine", choices=["weights", "collective", "frozen_kernel"])
-    s.add_argument("--reference", choices=["weights", "collective", "frozen_kernel", "none"])
-    s.add_argument("--record-every", dest="record_every", type=int)
-    s.add_argument("--seed", type=int)
-    _structure_argument(s)
-    s.add_argument("--out")
+    _add_options(s, _simulate_options())
 
     w = sub.add_parser("sweep", help="a grid of runs; flags or --config TOML",
                        description="depths × widths × seeds × lrs in a few compiled programs; "
                        "resumable (chunks under OUT/chunks). Defaults: "
                        + ", ".join(f"{k}={v}" for k, v in SWEEP_DEFAULTS.items()))
-    w.add_argument("--config", help="TOML file with any of the keys below")
-    w.add_argument("--data", choices=["teacher", "digits"])
-    w.add_argument("--samples", type=int)
-    w.add_argument("--depths", type=int, nargs="+")
-    w.add_argument("--widths", type=int, nargs="+")
-    w.add_argument("--seeds", type=int, nargs="+")
-    w.add_argument("--lrs", type=float, nargs="+")
-    w.add_argument("--steps", type=int)
-    w.add_argument("--engine", choices=["weights", "collective", "frozen_kernel"])
-    w.add_argument("--parametrization", choices=["standard", "ntk", "mean_field"])
-    w.add_argument("--record-every", dest="record_every", type=int)
-    w.add_argument("--max-bytes", dest="max_bytes", type=int)
-    _structure_argument(w)
-    w.add_argument("--out")
+    _add_options(w, _sweep_options())
 
     args = parser.parse_args(argv)
     commands = {"verify": _verify, "demo": _demo, "simulate": _simulate, "sweep": _sweep}

@@ -1,6 +1,7 @@
 """The command line: the demo at a tiny size, simulate and sweep from flags and TOML."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -93,3 +94,75 @@ def test_structured_networks_from_the_command_line(tmp_path, capsys):
     assert main(["sweep", "--structure", "pathways", "--depths", "2", "--widths", "8",
                  "--seeds", "0", "--lrs", "0.05", "--steps", "5", "--samples", "10",
                  "--out", str(tmp_path / "sw")]) == 0
+
+
+def test_version(capsys):
+    import gramflow as gf
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"gramflow {gf.__version__}\n"
+
+
+def test_config_takes_one_value_for_a_list_and_names_the_file_on_errors(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'widths = 4\ndepths = 1\nseeds = 0\nlrs = 1\nsteps = 3\nsamples = 8\n'
+                      f'out = "{tmp_path / "sw"}"\n')
+    assert main(["sweep", "--config", str(config)]) == 0
+    with np.load(tmp_path / "sw" / "results.npz") as data:
+        assert data["loss"].shape[:4] == (1, 1, 1, 1)
+    capsys.readouterr()
+    cases = {
+        "steps = 3\nwidths 4\nseeds = 0\n": f"cannot read config {tmp_path / 'bad.toml'}: "
+                                           ".*line 2, column 8",
+        "steps = 3\nwidths = 4\nwidths = 8\n": r"cannot read config .*bad.toml: .*line 3",
+        'widths = "64"\n': r"`widths` in .*bad.toml must be an int or a list of them, got '64'",
+        "seeds = [0, 1.5]\n": r"`seeds` in .*bad.toml must be an int",
+        "lrs = []\n": r"`lrs` in .*bad.toml is an empty list",
+        "depths = true\n": r"`depths` in .*bad.toml must be an int",
+        "steps = [3]\n": r"`steps` in .*bad.toml takes one value, got the list \[3\]; write e.g. "
+                         r"`steps = 3`",
+        'observables = ["loss", "bogus"]\n': r"`observables` in .*bad.toml is 'bogus'; choose "
+                                             r"from \['loss', 'r', 'kernel_trace'",
+    }
+    bad = tmp_path / "bad.toml"
+    for text, message in cases.items():
+        bad.write_text(text)
+        assert main(["sweep", "--config", str(bad)]) == 2, text
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, (text, err)
+    bad.write_text("width = [8]\n")
+    assert main(["simulate", "--config", str(bad)]) == 2
+    assert "`width` in" in capsys.readouterr().err
+
+
+def test_float32_and_observables_from_the_command_line(tmp_path, capsys, monkeypatch):
+    import jax
+
+    updates = []
+    real = jax.config.update
+    monkeypatch.setattr(jax.config, "update",
+                        lambda name, value: updates.append((name, value)) or real(name, value))
+    out = tmp_path / "sim"
+    assert main(["simulate", "--dtype", "float32", "--depth", "1", "--width", "8", "--samples",
+                 "12", "--steps", "5", "--record-every", "1", "--observables", "kernel_trace",
+                 "alignment", "--out", str(out)]) == 0
+    with np.load(out / "results.npz") as data:
+        assert {"loss", "kernel_trace", "alignment"} <= set(data.files)
+        assert data["loss"].dtype == data["kernel_trace"].dtype == np.float32
+        assert data["loss"].shape == (6,) and np.isfinite(data["alignment"]).all()
+    assert json.loads((out / "results.json").read_text())["config"]["dtype"] == "float32"
+    out = tmp_path / "sw"
+    assert main(["sweep", "--dtype", "float32", "--depths", "1", "--widths", "4", "8",
+                 "--seeds", "0", "--lrs", "0.05", "--steps", "4", "--samples", "10",
+                 "--observables", "kernel_eigs", "--out", str(out)]) == 0
+    with np.load(out / "results.npz") as data:
+        assert data["loss"].dtype == np.float32 and data["kernel_eigs"].shape[:4] == (1, 2, 1, 1)
+    assert ("jax_enable_x64", True) not in updates  # float32 leaves the precision alone
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        main(["sweep", "--observables", "loss", "bogus"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bogus'" in err and "'kernel_trace'" in err
