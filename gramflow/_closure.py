@@ -13,7 +13,7 @@ from ._engines import Collective, FrozenKernel, FrozenOperators, TruncatedTransp
 from ._progress import progress_bar
 
 
-#: name -> what it keeps (DESIGN.md §3). `full_transport` keeps every term of the flow but
+#: name -> what it keeps (engines and closures, see `gramflow.Collective`). `full_transport` keeps every term of the flow but
 #: steps it by Euler, so its error is what the discretization and sliding cost.
 CLOSURES = {
     "layer_local": "Collective(closure=TruncatedTransport(0)): the k = l terms of (I4)/(I5) only",
@@ -80,7 +80,7 @@ def closure_study(
     depth and closure). Hidden layers all have the given width; gradient descent on
     `½ Σ r²` with step `lr`.
 
-    What the theory says (DESIGN.md I3–I5): with one hidden layer every field closure is
+    What the theory says (I3)–(I5): with one hidden layer every field closure is
     exact and only the frozen kernel errs; from two hidden layers on, dropping transport errs;
     the frozen variants improve with width. This measures it. `exact_loss=False` skips the
     extra run that records the exact loss (`loss` is then NaN).

@@ -268,7 +268,7 @@ class Layer(eqx.Module):
             M = jnp.ones(self.shape, z.dtype) if self.mask is None else jnp.asarray(
                 self.mask.array, z.dtype)
             diag = self.coefficient**2 * jnp.einsum("mj,nj,aj->mna", z, z, M)
-            op = op + diag[..., :, None] * jnp.eye(n, dtype=z.dtype)
+            op = op + jnp.einsum("mna,ab->mnab", diag, jnp.eye(n, dtype=z.dtype))
         for part in ("gains", "skips"):
             if part in self.train:
                 u = z @ (self.scale * self.masked()).T if part == "gains" else z
@@ -287,7 +287,7 @@ class Layer(eqx.Module):
         op = jnp.zeros((D.shape[1], E.shape[0], D.shape[0], n, n), E.dtype)
         if "weights" in self.train:
             diag = self.coefficient**2 * jnp.einsum("nr,mir,ra->inma", E, D, M)
-            op = op + diag[..., :, None] * jnp.eye(n, dtype=E.dtype)
+            op = op + jnp.einsum("inma,ab->inmab", diag, jnp.eye(n, dtype=E.dtype))
         for part in ("gains", "skips"):
             if part in self.train:
                 W = self.scale * self.masked() if part == "gains" else jnp.eye(n, dtype=E.dtype)

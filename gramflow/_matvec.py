@@ -131,12 +131,22 @@ def kernel_eigs(
         values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
         zero = jnp.zeros((k,), values.dtype)
         return KernelEigs(values, vectors.reshape(*shape, k), zero, jnp.asarray(0))
+    key = jax.random.key(0) if key is None else key
+    return _krylov_eigs(net, X, key, k, iters)
+
+
+@eqx.filter_jit
+def _krylov_eigs(net, X, key, k: int, iters: int) -> KernelEigs:
+    """The block-Krylov path of `kernel_eigs`, compiled once per shape (an eager call would
+    otherwise trace its loop again every time)."""
+    P, kout = X.shape[0], net.out_dim or 1
+    n = P * kout
+    shape = (P,) if net.out_dim is None else (P, kout)
     _, Z, _, _, Delta, _ = fields(net, X)
 
     def matmat(V):  # (n, m) -> (n, m)
         return _kernel_matmat(net, Z, Delta, V.reshape(*shape, V.shape[-1])).reshape(n, -1)
 
-    key = jax.random.key(0) if key is None else key
     values, vectors, residuals = block_krylov_eigs(matmat, n, k, iters=iters, key=key,
                                                    dtype=X.dtype)
     return KernelEigs(values, vectors.reshape(*shape, k), residuals, jnp.asarray(iters))

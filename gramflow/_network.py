@@ -66,7 +66,7 @@ class ReLUNet(eqx.Module):
     with a fixed binary connectivity mask `M_l` (constrained pathways, `Mask`), a per-layer
     gain `g_l` and a skip path of strength `α_l` (equal widths `N_l = N_{l-1}`). All of these
     keep the layer linear in `z_{l-1}` and the network positively homogeneous, so the
-    identities of DESIGN.md hold with the effective weights
+    identities (I1)–(I8) hold with the effective weights
     `W̃_l = g_l s_l (W_l ⊙ M_l) + α_l I` in the pullback recursion (I1) and in the transport
     of (I4)/(I5), and the layer kernel gains one term per trained parameter (see
     `layer_kernels`).

@@ -27,8 +27,7 @@ OBSERVABLES = {
         "(L,)",
         "max_i |b_i(t) − b_i(0)| of the per-neuron balance laws of layers 1..L−1 "
         "(gramflow.diagnostics.balance; NaN where a skip path breaks them, and for layer L, "
-        "whose outgoing weights are the fixed readout); needs every weight matrix: "
-        "engine='weights', or a structured network",
+        "whose outgoing weights are the fixed readout); not for FrozenKernel",
     ),
     "operator_drift": (
         "(n_pairs,)",

@@ -16,7 +16,7 @@ from ._algebra import residual_weighted
 from ._checks import check_inputs
 from ._network import ReLUNet
 from ._state import effective_weights, fields
-from ._velocities import Velocities, residual_rate
+from ._velocities import Velocities, _check_transport, residual_rate
 
 DEFAULT_MAX_BYTES = 2**30
 
@@ -109,7 +109,7 @@ def pushforward_operators(
     **Arguments:** `net`; `X` of shape `(P, d)`; `max_bytes`: refuse (with a `ValueError`
     giving the bytes needed) above this size (default 1 GiB).
 
-    **Returns:** dict keyed by `(k, l)`, 1 ≤ k < l ≤ L (1-based layers as in DESIGN.md), each
+    **Returns:** dict keyed by `(k, l)`, 1 ≤ k < l ≤ L (1-based layers), each
     of shape `(P, P, N_l, N_l)`. The identity operators k = l are not stored. For a
     structured network `s_l W_l` is its effective weight `W̃_l` (`ReLUNet`).
     """
@@ -182,7 +182,7 @@ def operator_summary(op: Float[Array, "P P N N"]) -> OperatorSummary:
 
 def hierarchy_velocities(
     net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"], *,
-    max_bytes: int | None = None,
+    transport: int | None = None, max_bytes: int | None = None,
 ) -> Velocities:
     """The velocities of `velocities`, computed from materialized operators by the formulas of
     (I4) and (I5) as written (η = 1), for small problems:
@@ -196,9 +196,11 @@ def hierarchy_velocities(
     `λ_{k+1} = s_{k+1}² (E_{k+1,ν} · Δ_{k+1,μ}) I`, so the brackets are
     `s_k² G_{k-1}[μ,ν] 𝔊^{k→l}_{μν}` and `s_{k+1}² (Δ_{k+1,μ} · E_{k+1,ν}) 𝔐^{k→l}_{νμ}` —
     (I4), (I5) verbatim; masks, gains and skips change only the local operators. Agreement
-    with the matrix-free `velocities` is the check of (I6).
+    with the matrix-free `velocities` is the check of (I6). `transport=n` drops the terms
+    with `l − k > n` (resp. `k − l > n`), the truncation of `TruncatedTransport(n)`.
     """
     X, y = check_inputs(net, X, y)
+    n_max = _check_transport(transport)
     P, L = X.shape[0], net.depth
     _check_size(net, P, [(k, l) for _, k, l in operator_pairs(L)] + [(l, l) for l in
                 range(1, L + 1)], "hierarchy_velocities", max_bytes)
@@ -212,6 +214,8 @@ def hierarchy_velocities(
     for l in range(1, L + 1):
         total = jnp.zeros_like(E[l - 1])
         for k in range(1, l + 1):
+            if n_max is not None and l - k > n_max:
+                continue
             op = _push_up(W, D, kappa[k - 1], k, l)
             total -= jnp.einsum("mnab,nb->ma", op, E[l - 1])
         dH.append(total)
@@ -220,6 +224,8 @@ def hierarchy_velocities(
     for l in range(1, L + 1):
         total = jnp.zeros_like(Delta[l - 1])
         for k in range(l, L):  # source U_k from layer k + 1, pulled down to layer l
+            if n_max is not None and k - l > n_max:
+                continue
             op = lam[k]
             if op.ndim == 4:
                 op = _pull_down(W, D, op, k, l)
@@ -228,10 +234,10 @@ def hierarchy_velocities(
                 op = jax.vmap(lambda o, k=k: _pull_down(W, D, o, k, l))(op)
                 total -= jnp.einsum("na,inmab->mib", Z[l], op)
         dB.append(total)
-    dr = residual_rate(Delta, dH_local(kappa, E))
+    dr = residual_rate(Delta, _local_sources(kappa, E))
     return Velocities(r=dr, H=tuple(dH), B=tuple(dB))
 
 
-def dH_local(kappa, E):
+def _local_sources(kappa, E):
     """The local sources `V_k = −Σ_ν κ_k[μ,ν] E_{k,ν}` from materialized local operators."""
     return tuple(-jnp.einsum("mnab,nb->ma", op, e) for op, e in zip(kappa, E))

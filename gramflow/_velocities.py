@@ -106,7 +106,8 @@ def rates(layers, Z, D, Delta, r, *, transport: int | None = None, operators=Non
 
 
 def velocities(
-    net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"]
+    net: ReLUNet, X: Float[Array, "P d"], y: Float[Array, "P *k"], *,
+    transport: int | None = None,
 ) -> Velocities:
     """Time derivatives of `r`, `H_l` and `B_l` under gradient flow with η = 1 on
     `L = ½ Σ r²`: (I2), (I4) and (I5), the operators applied matrix-free (I6).
@@ -114,12 +115,24 @@ def velocities(
     Cost O(P Σ N_l² + P² Σ N_l) (Gram products contracted in the cheaper order); no Gram
     operator of shape `(P, P, N, N)` is formed.
 
-    **Arguments:** `net`; `X` of shape `(P, d)`; `y` of shape `(P,)` or `(P, k)`.
+    **Arguments:** `net`; `X` of shape `(P, d)`; `y` of shape `(P,)` or `(P, k)`;
+    `transport`: keep only the cross-layer terms of (I4)/(I5) that span at most this many
+    layers (`None`: all — the exact velocities; the rates of the closure
+    `TruncatedTransport(n)`).
 
     **Returns:** `Velocities` with `r` `(P, *k)`, `H` `(P, N_l)` and `B` `(P, *k, N_l)`.
     """
     X, y = check_inputs(net, X, y)
+    transport = _check_transport(transport)
     _, Z, D, _, Delta, f = fields(net, X)
-    dr, dH, dB, _ = rates(net.layers, Z, D, Delta, f - y,
+    dr, dH, dB, _ = rates(net.layers, Z, D, Delta, f - y, transport=transport,
                           operators=(effective_weights(net), D))
     return Velocities(r=dr, H=dH, B=dB)
+
+
+def _check_transport(transport):
+    if transport is None:
+        return None
+    if isinstance(transport, bool) or not isinstance(transport, int) or transport < 0:
+        raise ValueError(f"`transport` must be None or an int ≥ 0, got {transport!r}.")
+    return transport
