@@ -42,7 +42,25 @@ from ._state import (
     parameter_gradients as parameter_gradients,
     pullback_gradients as pullback_gradients,
 )
-from ._observables import OBSERVABLES as OBSERVABLES
+from ._observables import (
+    OBSERVABLES as OBSERVABLES,
+    AbstractObservable as AbstractObservable,
+    ActiveFraction as ActiveFraction,
+    Alignment as Alignment,
+    BalanceDrift as BalanceDrift,
+    CoactivationDrift as CoactivationDrift,
+    ConditionNumber as ConditionNumber,
+    Kernel as Kernel,
+    KernelDrift as KernelDrift,
+    KernelEigenvalues as KernelEigenvalues,
+    KernelShare as KernelShare,
+    KernelTrace as KernelTrace,
+    LayerKernelEigenvalues as LayerKernelEigenvalues,
+    Loss as Loss,
+    OperatorDrift as OperatorDrift,
+    Residual as Residual,
+    View as View,
+)
 from ._operators import (
     OperatorSummary as OperatorSummary,
     block_operator as block_operator,

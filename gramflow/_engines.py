@@ -381,10 +381,10 @@ class FrozenKernel(AbstractEngine):
 
     def build(self, net, X, y, lr, *, continuous):
         lam, U = jnp.linalg.eigh(flat_kernel(collective_kernel(net, X)))
-        return _FrozenKernelRun(U=U, lam=lam, r0=forward(net, X)[-1] - y)
+        return FrozenKernelRun(U=U, lam=lam, r0=forward(net, X)[-1] - y)
 
 
-class _FrozenKernelRun(eqx.Module):
+class FrozenKernelRun(eqx.Module):
     """The state is `c = Uᵀ r` (flattened over outputs)."""
 
     U: Array

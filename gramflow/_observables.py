@@ -1,6 +1,16 @@
-"""What a trajectory records: functions of the fields at one time."""
+"""What a trajectory records: observables, functions of the fields at one time.
+
+An observable is an `AbstractObservable` (with an optional reference taken at t = 0, for
+drifts) or any plain callable `fn(view) -> array` on a `View` of the fields; the built-in ones
+also have names, the strings the command line uses. The sweep learns what each returns with
+`jax.eval_shape` — nothing here needs to be registered anywhere.
+"""
 
 from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -8,39 +18,6 @@ from jaxtyping import Array, Float
 
 from ._algebra import coactivation, flat_kernel
 from ._network import neuron_balance
-
-#: name -> (shape per record, description); `L` hidden layers, `m` = `top_m`.
-OBSERVABLES = {
-    "loss": ("()", "½ Σ r² (always recorded)"),
-    "r": ("(P,) or (P, k)", "residual"),
-    "kernel_trace": ("(L,)", "tr K_l per layer"),
-    "kernel_share": ("(L,)", "tr K_l / tr K"),
-    "active_fraction": ("(L,)", "fraction of active units, mean of D_l"),
-    "kernel_eigs": ("(m,)", "top-m eigenvalues of K, descending"),
-    "layer_kernel_eigs": ("(L, m)", "top-m eigenvalues of each K_l"),
-    "kernel_drift": ("()", "‖K(t) − K(0)‖_F / ‖K(0)‖_F"),
-    "condition_number": ("()", "λ_max(K) / λ_min(K)"),
-    "alignment": ("()", "kernel–target alignment ⟨y, K y⟩ / (‖K‖_F ‖y‖²)"),
-    "coactivation_drift": ("(L,)", "‖Q_l(t) − Q_l(0)‖_F / ‖Q_l(0)‖_F"),
-    "kernel": ("(P, P) or (P, P, k, k)", "the full kernel K (per-record matrices: memory!)"),
-    "balance_drift": (
-        "(L,)",
-        "max_i |b_i(t) − b_i(0)| of the per-neuron balance laws of layers 1..L−1 "
-        "(gramflow.diagnostics.balance; NaN where a skip path breaks them, and for layer L, "
-        "whose outgoing weights are the fixed readout); not for FrozenKernel",
-    ),
-    "operator_drift": (
-        "(n_pairs,)",
-        "‖𝔊(t) − 𝔊(0)‖_F / ‖𝔊(0)‖_F per Gram operator, in the order of "
-        "gramflow.operator_pairs(L); materializes them: small problems only",
-    ),
-}
-DEFAULT_OBSERVABLES = ("loss", "r", "kernel_trace", "kernel_share", "active_fraction")
-# Observables that need the (P, P) kernels rather than O(P N) field reductions.
-_NEEDS_LAYER_KERNELS = {"layer_kernel_eigs", "coactivation_drift"}
-_NEEDS_KERNEL = {"kernel_eigs", "kernel_drift", "alignment", "kernel", "condition_number"}
-_NEEDS_KERNEL |= _NEEDS_LAYER_KERNELS
-FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
 
 
 class View(eqx.Module):
@@ -65,104 +42,279 @@ def _rel_drift(A, A0):
     return jnp.linalg.norm((A - A0).ravel()) / jnp.linalg.norm(A0.ravel())
 
 
-def _top(K, m):
-    return jnp.linalg.eigvalsh(flat_kernel(K))[::-1][:m]
-
-
-class Reference(eqx.Module):
-    """Quantities at t = 0 that drift observables compare against."""
-
-    K: Array | None
-    Q: tuple | None
-    y: Array
-    ops: list | None = None
-    balance: tuple | None = None
-
-
-def _balance_of(view: View):
-    if view.net is None:
-        raise ValueError(
-            "observable 'balance_drift' needs every weight matrix, but this engine does not "
-            "carry W_1 (the collective engine never needs it): record it with gf.Weights()."
-        )
-    return neuron_balance(view.net)
-
-
-def _balance_drift(view: View, ref: Reference):
-    out = []
-    for b, b0 in zip(_balance_of(view), ref.balance):
-        out.append(jnp.nan if b is None else jnp.max(jnp.abs(b - b0)))
-    out.append(jnp.nan)  # the last hidden layer: its outgoing weights are the fixed readout
-    return jnp.stack([jnp.asarray(v, view.r.dtype) for v in out])
-
-
-def _operators_of(view: View):
-    from ._operators import all_operators
-
-    D = view.D if view.op_masks is None else view.op_masks
-    return all_operators(view.weights, D, view.r.shape[0], view.r.dtype)
-
-
-def reference(view: View, y, names) -> Reference:
-    K, Q, ops = None, None, None
-    if {"kernel_drift"} & set(names):
-        K = _kernels_of(view)[1]
-    if "coactivation_drift" in names:
-        Q = tuple(coactivation(d) for d in view.Delta)
-    if "operator_drift" in names:
-        ops = _operators_of(view)
-    balance = _balance_of(view) if "balance_drift" in names else None
-    return Reference(K=K, Q=Q, y=y, ops=ops, balance=balance)
-
-
-def _kernels_of(view: View):
+def _kernels(view: View):
+    """`(K_1..K_L, K)` of the view's layers (`Layer.kernel`)."""
     Ks = tuple(layer.kernel(z, d) for layer, z, d in zip(view.layers, view.Z, view.Delta))
     return Ks, sum(Ks[1:], Ks[0])
 
 
-def observe(view: View, ref: Reference, names, top_m: int) -> dict[str, Array]:
-    """Evaluate the observables `names` (keys of `OBSERVABLES`) on one view."""
-    out = {"loss": 0.5 * jnp.sum(view.r**2)}
-    if "r" in names:
-        out["r"] = view.r
-    if {"kernel_trace", "kernel_share"} & set(names):
-        tr = jnp.stack([layer.trace(z, d)
-                        for layer, z, d in zip(view.layers, view.Z, view.Delta)])
-        if "kernel_trace" in names:
-            out["kernel_trace"] = tr
-        if "kernel_share" in names:
-            out["kernel_share"] = tr / jnp.sum(tr)
-    if "balance_drift" in names:
-        out["balance_drift"] = _balance_drift(view, ref)
-    if "active_fraction" in names:
-        out["active_fraction"] = jnp.stack([jnp.mean(d) for d in view.D])
-    if "operator_drift" in names:
-        ops = _operators_of(view)
-        drifts = [_rel_drift(op, op0) for op, op0 in zip(ops, ref.ops)]
-        out["operator_drift"] = jnp.stack(drifts) if drifts else jnp.zeros((0,), view.r.dtype)
-    if _NEEDS_KERNEL & set(names):
-        Ks, K = _kernels_of(view)
-        if "kernel" in names:
-            out["kernel"] = K
-        if {"kernel_eigs", "condition_number"} & set(names):
-            ev = jnp.linalg.eigvalsh(flat_kernel(K))  # once for both
-            if "kernel_eigs" in names:
-                out["kernel_eigs"] = ev[::-1][:top_m]
-            if "condition_number" in names:
-                out["condition_number"] = ev[-1] / ev[0]
-        if "layer_kernel_eigs" in names:
-            out["layer_kernel_eigs"] = jnp.stack([_top(k, top_m) for k in Ks])
-        if "kernel_drift" in names:
-            out["kernel_drift"] = _rel_drift(K, ref.K)
-        if "alignment" in names:
-            y = ref.y.reshape(-1)
-            Kf = flat_kernel(K)
-            out["alignment"] = y @ Kf @ y / (jnp.linalg.norm(Kf) * (y @ y))
-        if "coactivation_drift" in names:
-            out["coactivation_drift"] = jnp.stack(
-                [_rel_drift(coactivation(d), q0) for d, q0 in zip(view.Delta, ref.Q)]
+def _top(K, m):
+    return jnp.linalg.eigvalsh(flat_kernel(K))[::-1][:m]
+
+
+class AbstractObservable(eqx.Module):
+    """A quantity recorded along a run: `obs(view, ref) -> array`, with `ref =
+    obs.reference(view0, y)` computed once from the initial view and the targets (default
+    `None`). `needs_fields = False` for what engines carrying only r can record."""
+
+    name: ClassVar[str] = "observable"
+    needs_fields: ClassVar[bool] = True
+
+    def reference(self, view: View, y) -> Any:
+        return None
+
+    @abc.abstractmethod
+    def __call__(self, view: View, ref) -> Array:
+        ...
+
+
+class Loss(AbstractObservable):
+    """`½ Σ r²`, `()` (always recorded)."""
+
+    name: ClassVar[str] = "loss"
+    needs_fields: ClassVar[bool] = False
+
+    def __call__(self, view, ref):
+        return 0.5 * jnp.sum(view.r**2)
+
+
+class Residual(AbstractObservable):
+    """The residual `r`, `(P,)` or `(P, k)`."""
+
+    name: ClassVar[str] = "r"
+    needs_fields: ClassVar[bool] = False
+
+    def __call__(self, view, ref):
+        return view.r
+
+
+class KernelTrace(AbstractObservable):
+    """`tr K_l` per layer, `(L,)`, O(P N) (`Layer.trace`)."""
+
+    name: ClassVar[str] = "kernel_trace"
+
+    def __call__(self, view, ref):
+        return jnp.stack([layer.trace(z, d) for layer, z, d in zip(view.layers, view.Z, view.Delta)])
+
+
+class KernelShare(AbstractObservable):
+    """`tr K_l / tr K`, `(L,)`."""
+
+    name: ClassVar[str] = "kernel_share"
+
+    def __call__(self, view, ref):
+        tr = KernelTrace()(view, ref)
+        return tr / jnp.sum(tr)
+
+
+class ActiveFraction(AbstractObservable):
+    """Fraction of active units per layer, `(L,)`: the mean of `D_l` over the live units —
+    those whose `H_l` column is not identically zero, which leaves out the zero-padded units
+    of a width sweep (a real unit is never exactly zero on every sample unless it is dead
+    for good)."""
+
+    name: ClassVar[str] = "active_fraction"
+
+    def __call__(self, view, ref):
+        out = []
+        for h, d in zip(view.H, view.D):
+            live = jnp.any(h != 0, axis=0)
+            out.append(jnp.sum(d) / (h.shape[0] * jnp.maximum(jnp.sum(live), 1)))
+        return jnp.stack(out)
+
+
+class KernelEigenvalues(AbstractObservable):
+    """Top-`m` eigenvalues of K, descending, `(m,)`."""
+
+    m: int = eqx.field(static=True, default=5)
+    name: ClassVar[str] = "kernel_eigs"
+
+    def __call__(self, view, ref):
+        return _top(_kernels(view)[1], self.m)
+
+
+class LayerKernelEigenvalues(AbstractObservable):
+    """Top-`m` eigenvalues of each `K_l`, `(L, m)`."""
+
+    m: int = eqx.field(static=True, default=5)
+    name: ClassVar[str] = "layer_kernel_eigs"
+
+    def __call__(self, view, ref):
+        return jnp.stack([_top(k, self.m) for k in _kernels(view)[0]])
+
+
+class ConditionNumber(AbstractObservable):
+    """`λ_max(K) / λ_min(K)`, `()`."""
+
+    name: ClassVar[str] = "condition_number"
+
+    def __call__(self, view, ref):
+        ev = jnp.linalg.eigvalsh(flat_kernel(_kernels(view)[1]))
+        return ev[-1] / ev[0]
+
+
+class Kernel(AbstractObservable):
+    """The full kernel K, `(P, P)` or `(P, P, k, k)` per record (memory!)."""
+
+    name: ClassVar[str] = "kernel"
+
+    def __call__(self, view, ref):
+        return _kernels(view)[1]
+
+
+class KernelDrift(AbstractObservable):
+    """`‖K(t) − K(0)‖_F / ‖K(0)‖_F`, `()`."""
+
+    name: ClassVar[str] = "kernel_drift"
+
+    def reference(self, view, y):
+        return _kernels(view)[1]
+
+    def __call__(self, view, ref):
+        return _rel_drift(_kernels(view)[1], ref)
+
+
+class Alignment(AbstractObservable):
+    """Kernel–target alignment `⟨y, K y⟩ / (‖K‖_F ‖y‖²)`, `()`."""
+
+    name: ClassVar[str] = "alignment"
+
+    def reference(self, view, y):
+        return y
+
+    def __call__(self, view, ref):
+        y = ref.reshape(-1)
+        Kf = flat_kernel(_kernels(view)[1])
+        return y @ Kf @ y / (jnp.linalg.norm(Kf) * (y @ y))
+
+
+class CoactivationDrift(AbstractObservable):
+    """`‖Q_l(t) − Q_l(0)‖_F / ‖Q_l(0)‖_F` per layer, `(L,)`."""
+
+    name: ClassVar[str] = "coactivation_drift"
+
+    def reference(self, view, y):
+        return tuple(coactivation(d) for d in view.Delta)
+
+    def __call__(self, view, ref):
+        return jnp.stack([_rel_drift(coactivation(d), q0) for d, q0 in zip(view.Delta, ref)])
+
+
+class BalanceDrift(AbstractObservable):
+    """`max_i |b_i(t) − b_i(0)|` of the per-neuron balance laws of layers 1..L−1
+    (`gramflow.diagnostics.balance`), `(L,)`: NaN where a skip path breaks them, and for
+    layer L, whose outgoing weights are the fixed readout."""
+
+    name: ClassVar[str] = "balance_drift"
+
+    def reference(self, view, y):
+        return neuron_balance(view.net)
+
+    def __call__(self, view, ref):
+        out = [jnp.nan if b is None else jnp.max(jnp.abs(b - b0))
+               for b, b0 in zip(neuron_balance(view.net), ref)]
+        out.append(jnp.nan)
+        return jnp.stack([jnp.asarray(v, view.r.dtype) for v in out])
+
+
+class OperatorDrift(AbstractObservable):
+    """`‖𝔊(t) − 𝔊(0)‖_F / ‖𝔊(0)‖_F` per Gram operator, `(n_pairs,)`, in the order of
+    `gramflow.operator_pairs(L)`; materializes them: small problems only."""
+
+    name: ClassVar[str] = "operator_drift"
+
+    def _ops(self, view):
+        from ._operators import all_operators
+
+        D = view.D if view.op_masks is None else view.op_masks
+        return all_operators(view.weights, D, view.r.shape[0], view.r.dtype)
+
+    def reference(self, view, y):
+        return self._ops(view)
+
+    def __call__(self, view, ref):
+        drifts = [_rel_drift(op, op0) for op, op0 in zip(self._ops(view), ref)]
+        return jnp.stack(drifts) if drifts else jnp.zeros((0,), view.r.dtype)
+
+
+class Function(AbstractObservable):
+    """A plain callable `fn(view) -> array` as an observable (how user functions enter)."""
+
+    fn: Callable = eqx.field(static=True)
+
+    def __call__(self, view, ref):
+        return self.fn(view)
+
+
+_BUILTIN = (Loss, Residual, KernelTrace, KernelShare, ActiveFraction, KernelEigenvalues,
+            LayerKernelEigenvalues, KernelDrift, ConditionNumber, Alignment, CoactivationDrift,
+            Kernel, BalanceDrift, OperatorDrift)
+_SHAPES = {"loss": "()", "r": "(P,) or (P, k)", "kernel_trace": "(L,)", "kernel_share": "(L,)",
+           "active_fraction": "(L,)", "kernel_eigs": "(m,)", "layer_kernel_eigs": "(L, m)",
+           "kernel_drift": "()", "condition_number": "()", "alignment": "()",
+           "coactivation_drift": "(L,)", "kernel": "(P, P) or (P, P, k, k)",
+           "balance_drift": "(L,)", "operator_drift": "(n_pairs,)"}
+#: name -> (shape per record, description) of the built-in observables (`L` hidden layers,
+#: `m` = `top_m`); the names are what the command line and `observables=` strings accept.
+OBSERVABLES = {cls.name: (_SHAPES[cls.name], cls.__doc__.split("\n")[0]) for cls in _BUILTIN}
+DEFAULT_OBSERVABLES = ("loss", "r", "kernel_trace", "kernel_share", "active_fraction")
+FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
+
+
+def _builtin(name: str, top_m: int) -> AbstractObservable:
+    cls = next(c for c in _BUILTIN if c.name == name)
+    return cls(m=top_m) if cls in (KernelEigenvalues, LayerKernelEigenvalues) else cls()
+
+
+def resolve(observables, *, fields: bool, top_m: int) -> dict[str, AbstractObservable]:
+    """`observables` as an ordered dict name → `AbstractObservable`, `loss` first.
+
+    Accepts `None` (the engine's cheap defaults), a sequence of built-in names, observable
+    objects (named by their `name`) and callables `fn(view)` (named by `fn.__name__`), or a
+    mapping name → any of those. `fields` says whether the engine carries fields
+    (`FrozenKernel` carries only r).
+    """
+    if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m <= 0:
+        raise ValueError(f"`top_m` must be a positive int, got {top_m!r}.")
+    if observables is None:
+        observables = DEFAULT_OBSERVABLES if fields else FIELD_FREE
+    if isinstance(observables, (str, AbstractObservable)) or callable(observables) \
+            and not isinstance(observables, Mapping):
+        observables = (observables,)
+    items = observables.items() if isinstance(observables, Mapping) else [
+        (None, o) for o in observables]
+    out = {"loss": Loss()}
+    for key, obs in items:
+        if isinstance(obs, str):
+            if obs not in OBSERVABLES:
+                raise ValueError(f"unknown observable {obs!r} in `observables`; choose from "
+                                 f"{sorted(OBSERVABLES)}, or pass an observable object or a "
+                                 "function of the fields.")
+            obs = _builtin(obs, top_m)
+        elif not isinstance(obs, AbstractObservable):
+            if not callable(obs):
+                raise TypeError(f"`observables` entries must be names, observables or "
+                                f"callables fn(view), got {type(obs).__name__}.")
+            obs = Function(obs)
+        name = key if key is not None else (
+            getattr(obs.fn, "__name__", "observable") if isinstance(obs, Function) else obs.name)
+        if not fields and obs.needs_fields:
+            raise ValueError(
+                f"this engine (FrozenKernel) carries only the residual r, so it cannot record "
+                f"{name!r}; record {FIELD_FREE}, or use gramflow.Collective() or Weights()."
             )
+        out[name] = obs
     return out
+
+
+def references(view: View, y, observables: dict) -> dict:
+    """Each observable's reference at t = 0."""
+    return {name: obs.reference(view, y) for name, obs in observables.items()}
+
+
+def observe(view: View, refs: dict, observables: dict) -> dict[str, Array]:
+    """Evaluate every observable on one view (identical kernel products are shared by XLA)."""
+    return {name: obs(view, refs[name]) for name, obs in observables.items()}
 
 
 def closure_errors(view: View, ref_view: View) -> dict[str, Array]:
@@ -175,26 +327,10 @@ def closure_errors(view: View, ref_view: View) -> dict[str, Array]:
     return out
 
 
-def validate(names, *, fields: bool, top_m: int) -> tuple[str, ...]:
-    """Normalize `observables` (`None`: the engine's cheap defaults) and check it; `fields`
-    says whether the engine carries fields (`FrozenKernel` carries only r)."""
-    if names is None:
-        names = DEFAULT_OBSERVABLES if fields else FIELD_FREE
-    if isinstance(names, str):
-        names = (names,)
-    names = tuple(dict.fromkeys(("loss", *names)))
-    unknown = [n for n in names if n not in OBSERVABLES]
-    if unknown:
-        raise ValueError(
-            f"unknown observable(s) {unknown} in `observables`; choose from {sorted(OBSERVABLES)}."
-        )
-    if not fields:
-        extra = [n for n in names if n not in FIELD_FREE]
-        if extra:
-            raise ValueError(
-                f"this engine (FrozenKernel) carries only the residual r, so it cannot record "
-                f"{extra}; record {FIELD_FREE}, or use gramflow.Collective() or Weights()."
-            )
-    if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m <= 0:
-        raise ValueError(f"`top_m` must be a positive int, got {top_m!r}.")
-    return names
+def names_of(observables: dict) -> tuple[str, ...]:
+    return tuple(observables)
+
+
+def validate(observables, *, fields: bool, top_m: int) -> tuple[str, ...]:
+    """The names `resolve` gives `observables` (after checking them)."""
+    return tuple(resolve(observables, fields=fields, top_m=top_m))

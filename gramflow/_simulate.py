@@ -14,14 +14,9 @@ import optax
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._checks import check_inputs
-from ._engines import AbstractEngine, Paired, Weights
+from ._engines import AbstractEngine, FrozenKernelRun, Paired, Weights
 from ._network import ReLUNet, _positive_int
-from ._observables import (
-    closure_errors,
-    observe,
-    reference,
-    validate,
-)
+from ._observables import OperatorDrift, closure_errors, observe, references, resolve
 
 
 class Trajectory(eqx.Module):
@@ -103,8 +98,8 @@ def _resolve_lr(engine, reference_engine, lr, dtype):
     return _check_lr(lr, dtype)
 
 
-def _record(run, state, names, ref, top_m):
-    out = observe(run.view(state), ref, names, top_m)
+def _record(run, state, obs, refs):
+    out = observe(run.view(state), refs, obs)
     if isinstance(run, Paired):
         out.update(closure_errors(run.view(state), run.ref_view(state)))
     return out
@@ -116,10 +111,11 @@ def _first_nonfinite(losses):
     return jnp.where(jnp.any(bad), jnp.argmax(bad), -1)
 
 
-def _check_operator_size(net, P, names):
+def _check_operator_size(net, P, obs):
     from ._operators import DEFAULT_MAX_BYTES, operator_bytes
 
-    if "operator_drift" in names and 2 * operator_bytes(net, P) > DEFAULT_MAX_BYTES:
+    needs = any(isinstance(o, OperatorDrift) for o in obs.values())
+    if needs and 2 * operator_bytes(net, P) > DEFAULT_MAX_BYTES:
         raise ValueError(
             f"observable 'operator_drift' materializes the Gram operators, "
             f"{2 * operator_bytes(net, P):,} bytes with their t = 0 copies for P = {P} and "
@@ -135,13 +131,13 @@ def _build(net, X, y, engine, reference_engine, lr, continuous):
 
 
 @eqx.filter_jit
-def _simulate(net, X, y, lr, steps, record_every, engine, reference_engine, names, top_m,
+def _simulate(net, X, y, lr, steps, record_every, engine, reference_engine, obs,
               state):
     run = _build(net, X, y, engine, reference_engine, lr, False)
     state0 = run.init()
-    ref = reference(run.view(state0), y, names)  # drifts are measured against t = 0 of net
+    refs = references(run.view(state0), y, obs)  # drifts: against t = 0 of net
     state = state0 if state is None else state
-    record = lambda s: _record(run, s, names, ref, top_m)  # noqa: E731
+    record = lambda s: _record(run, s, obs, refs)  # noqa: E731
 
     def advance(state, n):
         def one(state, _):
@@ -206,9 +202,12 @@ def simulate(
     - `engine`: an engine object (default `Weights()`).
     - `record_every`: record every this many steps (and at the last step); record 0 is the
       state the run starts from.
-    - `observables`: names from `gramflow.OBSERVABLES` (default `None`: the O(P N) ones —
-      loss, r, kernel traces and shares, active fractions; loss and r for the frozen kernel).
-      `"kernel"` stores `(P, P)` matrices per record.
+    - `observables`: what to record — observable objects (`gramflow.KernelDrift()`, ...),
+      plain functions `fn(view) -> array` of the fields (`view.r`, `view.H`, `view.Z`,
+      `view.D`, `view.Delta`, `view.layers`, ...), names of the built-in ones
+      (`gramflow.OBSERVABLES`), or a dict name → any of those. Default `None`: the O(P N)
+      ones — loss, r, kernel traces and shares, active fractions (loss and r for the frozen
+      kernel). `"kernel"` stores `(P, P)` matrices per record.
     - `top_m`: number of eigenvalues for `"kernel_eigs"` / `"layer_kernel_eigs"`.
     - `reference`: another engine run in the same scan; records `closure_error`
       (`‖r − r_ref‖ / ‖r_ref‖`) and per-layer `field_error`.
@@ -224,13 +223,13 @@ def simulate(
     record_every = _positive_int("record_every", record_every)
     engine = _check_engine("engine", engine)
     reference_engine = _check_engine("reference", reference, optional=True)
-    names = validate(observables, fields=engine.carries_fields, top_m=top_m)
-    _check_operator_size(net, X.shape[0], names)
+    obs = resolve(observables, fields=engine.carries_fields, top_m=top_m)
+    _check_operator_size(net, X.shape[0], obs)
     lr = _resolve_lr(engine, reference_engine, lr, net.dtype)
     if state is not None and reference_engine is not None:
         raise ValueError("`state` resumes a single run; it cannot be combined with `reference`.")
     recs, final, end, bad, marks = _simulate(
-        net, X, y, lr, steps, record_every, engine, reference_engine, names, top_m, state
+        net, X, y, lr, steps, record_every, engine, reference_engine, obs, state
     )
     traj = _trajectory(recs, final, bad, engine, step=jnp.asarray(marks),
                        state=end[0] if reference_engine is not None else end)
@@ -268,13 +267,13 @@ def default_controller(dtype) -> diffrax.PIDController:
 
 
 @eqx.filter_jit
-def _flow(net, X, y, lr, ts, t1, engine, reference_engine, names, top_m, solver, controller,
+def _flow(net, X, y, lr, ts, t1, engine, reference_engine, obs, solver, controller,
           max_steps):
     run = _build(net, X, y, engine, reference_engine, lr, True)
     state = run.init()
-    ref = reference(run.view(state), y, names)
-    record = lambda s: _record(run, s, names, ref, top_m)  # noqa: E731
-    if hasattr(run, "at_time"):  # a closed form (the frozen kernel)
+    refs = references(run.view(state), y, obs)
+    record = lambda s: _record(run, s, obs, refs)  # noqa: E731
+    if isinstance(run, FrozenKernelRun):  # a closed form
         states = jax.vmap(lambda t: run.at_time(t, lr))(ts)
         recs = jax.vmap(record)(states)
         end = run.at_time(t1, lr)
@@ -354,8 +353,8 @@ def flow(
     if not engine.needs_lr():
         raise ValueError("`flow` integrates gradient flow; an optimizer has no flow. Use "
                          "gf.Weights() without an optimizer, or `simulate`.")
-    names = validate(observables, fields=engine.carries_fields, top_m=top_m)
-    _check_operator_size(net, X.shape[0], names)
+    obs = resolve(observables, fields=engine.carries_fields, top_m=top_m)
+    _check_operator_size(net, X.shape[0], obs)
     lr = _check_lr(lr, net.dtype)
     t1 = jnp.asarray(t1, net.dtype)
     if not isinstance(t1, jax.core.Tracer) and not (np.isfinite(t1) and t1 > 0):
@@ -370,7 +369,7 @@ def flow(
     solver = diffrax.Tsit5() if solver is None else solver
     controller = default_controller(net.dtype) if stepsize_controller is None else stepsize_controller
     try:
-        recs, final, end = _flow(net, X, y, lr, ts, t1, engine, reference_engine, names, top_m,
+        recs, final, end = _flow(net, X, y, lr, ts, t1, engine, reference_engine, obs,
                                  solver, controller, max_steps)
     except eqx.EquinoxRuntimeError as err:
         if "maximum number of solver steps" not in str(err):
