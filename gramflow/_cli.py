@@ -209,6 +209,13 @@ ENGINES = ("weights", "collective", "frozen_kernel")
 DATA = ("teacher", "digits")
 
 
+def _engine(name):
+    """The engine object of a command-line engine name (`ENGINES`)."""
+    from ._engines import Collective, FrozenKernel, Weights
+
+    return {"weights": Weights, "collective": Collective, "frozen_kernel": FrozenKernel}[name]()
+
+
 def _common_options():
     from ._observables import OBSERVABLES
 
@@ -287,8 +294,9 @@ def _simulate(args) -> int:
         lr = demo.stable_lr(X, (c["depth"],), (c["width"],))
     else:  # gains put an outlier into K: take the step from this network's own kernel
         lr = 0.5 / float(np.linalg.eigvalsh(np.asarray(gf.collective_kernel(net, X)))[-1])
-    reference = None if c["reference"] in (None, "none", c["engine"]) else c["reference"]
-    traj = gf.simulate(net, X, y, steps=c["steps"], lr=lr, engine=c["engine"],
+    reference = (None if c["reference"] in (None, "none", c["engine"])
+                 else _engine(c["reference"]))
+    traj = gf.simulate(net, X, y, steps=c["steps"], lr=lr, engine=_engine(c["engine"]),
                        record_every=c["record_every"], reference=reference,
                        observables=c["observables"])
     out = os.path.abspath(c["out"])
@@ -330,7 +338,7 @@ def _sweep(args) -> int:
     X, y = _data(c)
     out = os.path.abspath(c["out"])
     res = gf.sweep(X, y, widths=c["widths"], depths=c["depths"], seeds=c["seeds"],
-                   lrs=c["lrs"], steps=c["steps"], engine=c["engine"],
+                   lrs=c["lrs"], steps=c["steps"], engine=_engine(c["engine"]),
                    parametrization=c["parametrization"], record_every=c["record_every"],
                    out=os.path.join(out, "chunks"), max_bytes=c["max_bytes"],
                    observables=c["observables"],

@@ -21,8 +21,10 @@ from ._checks import check_data
 from ._mask import Mask
 from ._network import PARAMETRIZATIONS, ReLUNet, _positive_int
 from ._observables import validate
-from ._simulate import _check_engines, simulate
-from ._structure import structure_kwargs
+from ._engines import AbstractEngine, Weights
+from ._network import structure_kwargs
+from ._progress import progress_bar
+from ._simulate import _check_engine, simulate
 
 # Observables with one entry per hidden layer: padded with NaN up to the deepest network.
 _PER_LAYER = {"kernel_trace", "kernel_share", "active_fraction", "coactivation_drift",
@@ -238,9 +240,7 @@ def _load_finished(directory, prefix, fingerprint, config, n):
 
 
 def _progress(total, enabled):
-    from ._closure import _progress as bar
-
-    return bar(total, enabled, desc="sweep chunks", unit="chunk")
+    return progress_bar(total, enabled, desc="sweep chunks", unit="chunk")
 
 
 def sweep(
@@ -252,7 +252,7 @@ def sweep(
     seeds: Sequence[int],
     lrs: Sequence[float],
     steps: int,
-    engine: str = "weights",
+    engine: AbstractEngine = Weights(),
     parametrization: str = "ntk",
     out_dim: int | None = None,
     observables: Sequence[str] | None = None,
@@ -260,9 +260,7 @@ def sweep(
     max_bytes: int | None = None,
     record_every: int = 1,
     top_m: int = 5,
-    reference: str | None = None,
-    transport: int | None = None,
-    operators: str = "current",
+    reference: AbstractEngine | None = None,
     structure: dict | Callable[[int, tuple[int, ...]], dict] | None = None,
     progress: bool = True,
 ) -> SweepResult:
@@ -285,8 +283,8 @@ def sweep(
       widths (whose length must equal the depth).
     - `depths`: numbers of hidden layers L. `seeds`: ints. `lrs`: step sizes η of
       `W ← W − η ∂L/∂W` on `L = ½ Σ r²`.
-    - `steps`, `record_every`, `engine`, `observables`, `top_m`, `reference`, `transport`,
-      `operators`: as in `simulate`.
+    - `steps`, `record_every`, `engine`, `observables`, `top_m`, `reference`: as in
+      `simulate` (engines are objects: `Weights()`, `Collective(closure=...)`, ...).
     - `structure`: structured layers for every network — a dict of `ReLUNet.init` keyword
       arguments (`gains`, `skips`, `train`, `masks`), or a function `(d, widths) -> dict`
       for what depends on the architecture (masks). Networks whose static structure differs
@@ -319,8 +317,12 @@ def sweep(
     lr_values = np.asarray(lrs, dtype=np.float64).reshape(-1)
     if lr_values.size == 0 or not np.all(np.isfinite(lr_values)) or np.any(lr_values <= 0):
         raise ValueError(f"`lrs` must be non-empty, positive and finite, got {lrs!r}.")
-    _check_engines(engine, reference, None, transport, operators)
-    names = validate(observables, engine=engine, top_m=top_m)
+    engine = _check_engine("engine", engine)
+    reference = _check_engine("reference", reference, optional=True)
+    if not engine.needs_lr():
+        raise ValueError("`sweep` sweeps the step size `lrs` of plain gradient descent; an "
+                         "engine with its own optimizer is not supported here.")
+    names = validate(observables, fields=engine.carries_fields, top_m=top_m)
     P, d = X.shape
     k = 1 if out_dim is None else out_dim
     T = steps // record_every + 1 + (steps % record_every > 0)
@@ -368,10 +370,10 @@ def sweep(
 
     # What the results depend on (not the chunking): the fingerprint of the chunk files.
     config = dict(widths=[list(a) for row in arch for a in row], depths=[int(L) for L in depths],
-                  seeds=list(seeds), lrs=lr_values.tolist(), steps=steps, engine=engine,
+                  seeds=list(seeds), lrs=lr_values.tolist(), steps=steps, engine=repr(engine),
                   record_every=record_every, parametrization=parametrization, out_dim=out_dim,
-                  names=list(names), top_m=top_m, reference=reference, transport=transport,
-                  operators=operators, dtype=str(X.dtype), structure=struct_desc)
+                  names=list(names), top_m=top_m, reference=repr(reference),
+                  dtype=str(X.dtype), structure=struct_desc)
     config = json.loads(json.dumps(config))  # as read back from a chunk file
     fingerprint = _fingerprint(X, y, config)
     # Per (depth, group): the finished chunks `(configuration indices, arrays)`, loaded up
@@ -389,8 +391,7 @@ def sweep(
 
     def single(net, lr):
         traj = simulate(net, X, y, steps=steps, lr=lr, engine=engine, observables=names,
-                        record_every=record_every, top_m=top_m, reference=reference,
-                        transport=transport, operators=operators)
+                        record_every=record_every, top_m=top_m, reference=reference)
         return {"loss": traj.loss, **({"r": traj.r} if traj.r is not None else {}),
                 **traj.observables, "first_nonfinite": traj.first_nonfinite,
                 "step": traj.step}

@@ -20,7 +20,7 @@ def data():
     return gf.teacher_student(jax.random.key(0), samples=10, in_dim=4)
 
 
-@pytest.mark.parametrize("engine", ["weights", "collective"])
+@pytest.mark.parametrize("engine", [gf.Weights(), gf.Collective()])
 def test_padded_width_sweep_equals_separate_runs(data, engine):
     X, y = data
     widths, depths, seeds, lrs = (3, 7, (9, 5)), (2,), (0, 1), (0.05, 0.2)
