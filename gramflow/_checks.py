@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._network import ReLUNet
+
 
 def _as_array(name: str, x) -> jax.Array:
     if isinstance(x, jax.core.Tracer):
@@ -54,8 +56,6 @@ def _check_dtype(name: str, x: jax.Array, dtype, against: str = "the network",
 
 
 def check_net(net) -> None:
-    from ._network import ReLUNet
-
     if not isinstance(net, ReLUNet):
         raise TypeError(
             f"`net` must be a gramflow.ReLUNet, got {type(net).__name__}. gramflow's "

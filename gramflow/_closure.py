@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int
 
 from ._engines import Collective, FrozenKernel, FrozenOperators, TruncatedTransport, Weights
 from ._progress import progress_bar
-
+from ._sweep import sweep
 
 #: name -> what it keeps (engines and closures, see `gramflow.Collective`). `full_transport` keeps every term of the flow but
 #: steps it by Euler, so its error is what the discretization and sliding cost.
@@ -88,8 +88,6 @@ def closure_study(
     unknown = [c for c in closures if c not in CLOSURES]
     if unknown:
         raise ValueError(f"unknown closure(s) {unknown}; choose from {list(CLOSURES)}.")
-    from ._sweep import sweep
-
     bar = progress_bar(len(depths) * (len(closures) + exact_loss), progress, desc="closure runs")
     errors, losses, step = [], [], None
     for L in depths:

@@ -16,6 +16,7 @@ from ._engines import Collective, Weights
 from ._kernels import collective_kernel
 from ._network import ReLUNet
 from ._sweep import sweep
+from ._version import __version__
 
 SIZES = {
     "tiny": dict(teacher=24, digits=32, widths=(8, 16), depths=(1, 2), steps=20, seeds=(0,)),
@@ -126,7 +127,6 @@ def format_table(rows) -> str:
 
 
 def save_results(out, results, rows, cfg) -> str:
-    from . import __version__
 
     arrays = {}
     for res in results:

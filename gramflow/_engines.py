@@ -33,8 +33,8 @@ from ._network import (
 )
 from ._observables import View
 from ._optimizer import as_pytree
-from ._state import masks, output_field, pullback
-from ._velocities import pullback_transport, pushforward, rates
+from ._state import fields, masks, output_field, pullback
+from ._velocities import pullback_transport, rates
 
 # -- closures --------------------------------------------------------------------------------------
 
@@ -147,8 +147,6 @@ class _WeightsRun(eqx.Module):
         return WeightsState(jax.tree.map(lambda g: -lr * g, grads), None)
 
     def view(self, st: WeightsState) -> View:
-        from ._state import fields
-
         net = with_parameters(self.net, st.params)
         H, Z, D, _, Delta, f = fields(net, self.X)
         layers = net.layers
@@ -259,8 +257,6 @@ class _CollectiveRun(eqx.Module):
     # -- the engine protocol -------------------------------------------------------------------
 
     def init(self) -> FieldState:
-        from ._state import fields
-
         H, _, _, B, _, f = fields(self.net, self.X)
         params = list(to_layer_params(self.net, parameters(self.net)))
         A = None

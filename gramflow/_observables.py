@@ -18,6 +18,7 @@ from jaxtyping import Array, Float
 
 from ._algebra import coactivation, flat_kernel
 from ._network import neuron_balance
+from ._operators import all_operators
 
 
 class View(eqx.Module):
@@ -224,8 +225,6 @@ class OperatorDrift(AbstractObservable):
     name: ClassVar[str] = "operator_drift"
 
     def _ops(self, view):
-        from ._operators import all_operators
-
         D = view.D if view.op_masks is None else view.op_masks
         return all_operators(view.weights, D, view.r.shape[0], view.r.dtype)
 

@@ -7,10 +7,9 @@ generators. Materialized, each operator has P²·N_l² entries.
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
-
-import jax
 
 from ._algebra import residual_weighted
 from ._checks import check_inputs

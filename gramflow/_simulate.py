@@ -10,13 +10,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._checks import check_inputs
 from ._engines import AbstractEngine, FrozenKernelRun, Paired, Weights
 from ._network import ReLUNet, _positive_int
 from ._observables import OperatorDrift, closure_errors, observe, references, resolve
+from ._operators import DEFAULT_MAX_BYTES, operator_bytes
 
 
 class Trajectory(eqx.Module):
@@ -112,7 +112,6 @@ def _first_nonfinite(losses):
 
 
 def _check_operator_size(net, P, obs):
-    from ._operators import DEFAULT_MAX_BYTES, operator_bytes
 
     needs = any(isinstance(o, OperatorDrift) for o in obs.values())
     if needs and 2 * operator_bytes(net, P) > DEFAULT_MAX_BYTES:

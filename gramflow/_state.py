@@ -6,7 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._algebra import apply_mask, residual_weighted
+from ._algebra import apply_mask
 from ._checks import check_inputs
 from ._network import ReLUNet, forward, from_layer_params
 

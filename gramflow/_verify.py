@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._checks import check_inputs
 from ._algebra import apply_kernel
+from ._checks import check_inputs
 from ._kernels import collective_kernel, layer_kernels
 from ._network import ReLUNet, trainable
 from ._state import collective_state, parameter_gradients, pullback_gradients

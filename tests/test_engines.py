@@ -226,11 +226,3 @@ def test_lr_with_optimizer_is_an_error(getkey):
 def test_flow_defaults_follow_the_dtype():
     c64, c32 = gf.default_controller(jnp.float64), gf.default_controller(jnp.float32)
     assert c32.rtol > 100 * c64.rtol and c32.atol > 100 * c64.atol
-
-
-def test_no_structured_branch_left():
-    import pathlib
-
-    root = pathlib.Path(gf.__file__).parent
-    hits = [str(p) for p in root.rglob("*.py") if ".structured" in p.read_text()]
-    assert hits == []

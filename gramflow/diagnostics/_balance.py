@@ -6,8 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._checks import check_net
-from .._network import ReLUNet
-from .._network import neuron_balance
+from .._network import ReLUNet, neuron_balance
 
 
 def balance(net: ReLUNet) -> tuple[Float[Array, " N_l"] | None, ...]:

@@ -1,0 +1,124 @@
+"""The pure core of a sweep: a batch of networks × learning rates × optimizers in one program,
+and the exact width padding that lets networks of different widths share it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._engines import AbstractEngine, Weights
+from ._network import ReLUNet
+from ._simulate import Trajectory, simulate
+
+
+def pad_network(net: ReLUNet, widths: Sequence[int]) -> ReLUNet:
+    """Zero-pad the hidden layers of `net` to `widths`: padded units get zero incoming and
+    outgoing weights and zero readout, so they stay exactly inactive (relu'(0) = 0: their
+    `Δ` and `Z` stay zero, so do their gradients) and every trajectory is unchanged; the
+    scales keep the true widths (they are array leaves). Masks are zero-padded too; gains and
+    skip strengths are kept (a skip path needs the padded layer to stay square)."""
+    weights, fan_in = [], net.in_dim
+    for W, n in zip(net.weights, widths):
+        weights.append(jnp.zeros((n, fan_in), W.dtype).at[: W.shape[0], : W.shape[1]].set(W))
+        fan_in = n
+    a = net.readout
+    readout = jnp.zeros((widths[-1], *a.shape[1:]), a.dtype).at[: a.shape[0]].set(a)
+    masks = None if net.masks is None else tuple(
+        None if m is None else m.padded(w.shape) for m, w in zip(net.masks, weights))
+    return ReLUNet(weights, readout, net.scales, net.parametrization, masks=masks,
+                   gains=net.gains, skips=net.skips, train=net.train)
+
+
+def width_buckets(archs: Sequence[tuple[int, ...]], in_dim: int, max_padding: float = 0.25):
+    """Group architectures of one depth so that, padded to the widths of its largest member,
+    each group wastes at most `max_padding` of its work: `Σ padded cost ≤ (1 + max_padding)
+    Σ true cost`, with cost `Σ_l N_l (N_{l-1} + 1)` per network (weights and units).
+
+    Returns a list of `(indices into archs, padded widths)`; a group of one is not padded."""
+    if not 0 <= max_padding:
+        raise ValueError(f"`max_padding` must be ≥ 0, got {max_padding!r}.")
+
+    def cost(arch):
+        sizes = (in_dim, *arch)
+        return sum(n * (m + 1) for n, m in zip(sizes[1:], sizes[:-1]))
+
+    order = sorted(range(len(archs)), key=lambda i: (cost(archs[i]), archs[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            trial = groups[-1] + [i]
+            top = tuple(max(archs[j][l] for j in trial) for l in range(len(archs[i])))
+            if len(trial) * cost(top) <= (1 + max_padding) * sum(cost(archs[j]) for j in trial):
+                groups[-1] = trial
+                continue
+        groups.append([i])
+    return [(g, tuple(max(archs[j][l] for j in g) for l in range(len(archs[g[0]]))))
+            for g in groups]
+
+
+def stack(trees: Sequence):
+    """Stack pytrees of one structure (networks, engines) along a new leading axis."""
+    return eqx.combine(
+        jax.tree.map(lambda *xs: jnp.stack(xs), *[eqx.filter(t, eqx.is_array) for t in trees]),
+        eqx.filter(trees[0], eqx.is_array, inverse=True),
+    )
+
+
+def core_sweep(
+    nets: ReLUNet,
+    X: Float[Array, "P d"],
+    y: Float[Array, "P *k"],
+    *,
+    steps: int,
+    lrs: Float[Array, " R"] | None = None,
+    engine: AbstractEngine | Sequence[AbstractEngine] = Weights(),
+    record_every: int = 1,
+    observables=None,
+    top_m: int = 5,
+    reference: AbstractEngine | None = None,
+) -> Trajectory:
+    """`simulate` over a batch of networks × learning rates × engines, as one pure JAX
+    function: `jax.jit`, `jax.vmap` and `jax.grad` (e.g. with respect to `lrs` or the
+    networks) all work through it.
+
+    **Arguments:**
+
+    - `nets`: a `ReLUNet` whose array leaves carry a leading batch axis B (from
+      `jax.vmap(lambda k: ReLUNet.init(k, ...))(keys)`, or `stack([...])` of networks of one
+      structure; networks of different widths are first made equal by `pad_network`, which
+      is exact).
+    - `X`, `y`: the data, shared by every run.
+    - `steps`, `record_every`, `observables`, `top_m`, `reference`: as in `simulate`.
+    - `lrs`: `(R,)` learning rates, or `None` (engines with their own optimizer).
+    - `engine`: one engine, or a sequence of engines of one structure with different
+      numbers, e.g. `[Weights(optax.adam(lr)) for lr in (1e-3, 1e-2)]` (axis E); they run
+      side by side in one vmap.
+
+    **Returns:** a `Trajectory` whose arrays carry the leading axes `(B, R, E)` — `R` only
+    when `lrs` is given, `E` only when a sequence of engines is.
+    """
+    batched_engines = not isinstance(engine, AbstractEngine)
+    engines = stack(list(engine)) if batched_engines else engine
+    net_arrays, net_static = eqx.partition(nets, eqx.is_array)
+    eng_arrays, eng_static = eqx.partition(engines, eqx.is_array)
+    static = []  # the non-array half of the Trajectory, seen once while tracing
+
+    def run(net_arrays, lr, eng_arrays):
+        traj = simulate(eqx.combine(net_arrays, net_static), X, y, steps=steps, lr=lr,
+                        engine=eqx.combine(eng_arrays, eng_static), record_every=record_every,
+                        observables=observables, top_m=top_m, reference=reference)
+        arrays, rest = eqx.partition(traj, eqx.is_array)
+        static.append(rest)
+        return arrays
+
+    if batched_engines:
+        run = jax.vmap(run, in_axes=(None, None, 0))
+    if lrs is not None:
+        run = jax.vmap(run, in_axes=(None, 0, None))
+    run = jax.vmap(run, in_axes=(0, None, None))
+    out = run(net_arrays, None if lrs is None else jnp.asarray(lrs), eng_arrays)
+    return eqx.combine(out, static[0])
