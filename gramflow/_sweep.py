@@ -431,10 +431,7 @@ def sweep(
                 v = v.reshape((len(ws), len(seeds), len(lr_values)) + v.shape[1:])
                 if key not in merged:
                     merged[key] = np.zeros((len(widths),) + v.shape[1:], v.dtype)
-                if key == "active_fraction":  # padded units count as inactive: rescale
-                    true = np.array([arch[i][w] for w in ws], np.float64)
-                    v = v * (np.array(pad_to) / true)[:, None, None, None, :]
-                merged[key][ws] = v
+                merged[key][ws] = v  # (active_fraction leaves out padded units itself)
         per_depth.append(merged)
     bar.close()
 
