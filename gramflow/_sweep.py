@@ -18,13 +18,13 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ._checks import check_data
-from ._mask import Mask
-from ._network import PARAMETRIZATIONS, ReLUNet, _positive_int
-from ._observables import validate
 from ._engines import AbstractEngine, Weights
-from ._network import structure_kwargs
+from ._mask import Mask
+from ._network import PARAMETRIZATIONS, ReLUNet, _positive_int, structure_kwargs
+from ._observables import validate
 from ._progress import progress_bar
 from ._simulate import _check_engine, simulate
+from ._version import __version__
 
 # Observables with one entry per hidden layer: padded with NaN up to the deepest network.
 _PER_LAYER = {"kernel_trace", "kernel_share", "active_fraction", "coactivation_drift",
@@ -301,8 +301,6 @@ def sweep(
     **Returns:** a `SweepResult` with arrays `(len(depths), len(widths), len(seeds),
     len(lrs), T, ...)`.
     """
-    from . import __version__
-
     steps = _positive_int("steps", steps)
     record_every = _positive_int("record_every", record_every)
     out_dim = None if out_dim is None else _positive_int("out_dim", out_dim)
