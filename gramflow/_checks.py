@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._network import ReLUNet
-
 
 def _as_array(name: str, x) -> jax.Array:
     if isinstance(x, jax.core.Tracer):
@@ -53,35 +51,6 @@ def _check_dtype(name: str, x: jax.Array, dtype, against: str = "the network",
             f"mixed dtypes: `{name}` is {x.dtype} but {against} is {jnp.dtype(dtype).name}; "
             f"cast `{name}` with `.astype({jnp.dtype(dtype).name})` or {fix}."
         )
-
-
-def check_net(net) -> None:
-    if not isinstance(net, ReLUNet):
-        raise TypeError(
-            f"`net` must be a gramflow.ReLUNet, got {type(net).__name__}. gramflow's "
-            "identities hold for bias-free networks with a positively homogeneous activation "
-            "(ReLU) and a fixed readout: the pullback hierarchy (I5) rests on "
-            "z_k = J^z_{k←l} z_l, which biases and activations such as tanh or GELU break. "
-            "Build the network with `gramflow.ReLUNet.init` (or `ReLUNet(weights=..., "
-            "readout=..., scales=...)` from your own bias-free weights)."
-        )
-    if net.scales.ndim != 1:
-        raise ValueError(
-            f"`net` is a batch of networks (scales of shape {net.scales.shape}); map over it "
-            "with `jax.vmap(fn, in_axes=(0, None, ...))` instead of passing it directly."
-        )
-    # `equinox.tree_at` and `jax.tree.unflatten` rebuild a module without `__init__`: validate
-    # again (shapes and dtypes only, so this is free under `jax.jit`).
-    net.__check_init__()
-
-
-def check_inputs(net, X, y=None):
-    """Validate `X` of shape `(P, d)` (and `y`, of shape `(P,)` or `(P, k)`) against `net`.
-
-    Returns `(X, y)` as arrays, wrapped in `equinox.error_if` when traced.
-    """
-    check_net(net)
-    return check_data(X, y, net=net)
 
 
 def check_data(X, y=None, *, net=None, out_dim: int | None = None):

@@ -8,9 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._checks import check_inputs
-from ._network import ReLUNet
-from ._network import parameters, with_parameters
+from ._network import ReLUNet, check_inputs, parameters, with_parameters
 from ._simulate import _check_lr
 from ._state import collective_state, parameter_gradients
 from ._velocities import Velocities, velocities

@@ -8,9 +8,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._algebra import coactivation, gram, transpose_samples
-from ._checks import check_inputs
 from ._cost import CostModel
-from ._network import ReLUNet
+from ._network import ReLUNet, check_inputs
 from ._state import fields
 
 

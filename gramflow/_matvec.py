@@ -9,9 +9,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._algebra import flat_kernel
-from ._checks import check_inputs
 from ._kernels import collective_kernel
-from ._network import ReLUNet
+from ._network import ReLUNet, check_inputs
 from ._state import fields
 
 

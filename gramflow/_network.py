@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._checks import check_data
 from ._layer import TRAINABLE, Layer, LayerParams
 from ._mask import Mask
 
@@ -357,13 +358,40 @@ class ReLUNet(eqx.Module):
     def __call__(self, X: Float[Array, "P d"]) -> Float[Array, "P *k"]:
         """Network output `f = s_out Z_L a`, shape `(P,)` or `(P, k)`; a single sample `x` of
         shape `(d,)` gives `f(x)` of shape `()` or `(k,)`, as equinox models do."""
-        X = jnp.asarray(X)
-        if X.ndim not in (1, 2) or X.shape[-1] != self.in_dim:
-            raise ValueError(f"`X` must have shape (P, {self.in_dim}) or ({self.in_dim},), "
-                             f"got {X.shape}.")
-        if X.ndim == 1:
-            return forward(self, X[None])[-1][0]
-        return forward(self, X)[-1]
+        single = getattr(X, "ndim", None) == 1 and X.shape[0] == self.in_dim
+        X, _ = check_inputs(self, jnp.asarray(X)[None] if single else X)
+        f = forward(self, X)[-1]
+        return f[0] if single else f
+
+
+def check_net(net) -> None:
+    """`net` is a single, valid `ReLUNet` (a clear error otherwise)."""
+    if not isinstance(net, ReLUNet):
+        raise TypeError(
+            f"`net` must be a gramflow.ReLUNet, got {type(net).__name__}. gramflow's "
+            "identities hold for bias-free networks with a positively homogeneous activation "
+            "(ReLU) and a fixed readout: the pullback hierarchy (I5) rests on "
+            "z_k = J^z_{k←l} z_l, which biases and activations such as tanh or GELU break. "
+            "Build the network with `gramflow.ReLUNet.init` (or `ReLUNet(weights=..., "
+            "readout=..., scales=...)` from your own bias-free weights)."
+        )
+    if net.scales.ndim != 1:
+        raise ValueError(
+            f"`net` is a batch of networks (scales of shape {net.scales.shape}); map over it "
+            "with `jax.vmap(fn, in_axes=(0, None, ...))` instead of passing it directly."
+        )
+    # `equinox.tree_at` and `jax.tree.unflatten` rebuild a module without `__init__`: validate
+    # again (shapes and dtypes only, so this is free under `jax.jit`).
+    net.__check_init__()
+
+
+def check_inputs(net, X, y=None):
+    """Validate `net`, `X` of shape `(P, d)` and `y` of shape `(P,)` or `(P, k)` against it.
+
+    Returns `(X, y)` as arrays, wrapped in `equinox.error_if` when traced.
+    """
+    check_net(net)
+    return check_data(X, y, net=net)
 
 
 def forward(net: ReLUNet, X: Float[Array, "P d"]):

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._algebra import residual_weighted
-from ._checks import check_inputs
-from ._network import ReLUNet
+from ._network import ReLUNet, check_inputs
 from ._state import effective_weights, fields
 from ._velocities import Velocities, _check_transport, residual_rate
 

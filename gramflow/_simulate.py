@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._checks import check_inputs
 from ._engines import AbstractEngine, FrozenKernelRun, Paired, Weights
-from ._network import ReLUNet, _positive_int
+from ._network import ReLUNet, _positive_int, check_inputs
 from ._observables import OperatorDrift, closure_errors, observe, references, resolve
 from ._operators import DEFAULT_MAX_BYTES, operator_bytes
 

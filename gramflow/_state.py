@@ -7,8 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._algebra import apply_mask
-from ._checks import check_inputs
-from ._network import ReLUNet, forward, from_layer_params
+from ._network import ReLUNet, check_inputs, forward, from_layer_params
 
 
 class CollectiveState(eqx.Module):

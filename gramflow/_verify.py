@@ -9,9 +9,8 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._algebra import apply_kernel
-from ._checks import check_inputs
 from ._kernels import collective_kernel, layer_kernels
-from ._network import ReLUNet, trainable
+from ._network import ReLUNet, check_inputs, trainable
 from ._state import collective_state, parameter_gradients, pullback_gradients
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-1, "float16": 1e-2}

@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._checks import check_net
-from .._network import ReLUNet, neuron_balance
+from .._network import ReLUNet, check_net, neuron_balance
 
 
 def balance(net: ReLUNet) -> tuple[Float[Array, " N_l"] | None, ...]:

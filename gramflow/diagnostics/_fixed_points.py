@@ -10,8 +10,7 @@ import optax
 import optax.tree_utils
 from jaxtyping import Array, Bool, Float, Int
 
-from .._checks import check_inputs
-from .._network import ReLUNet, parameters, with_parameters
+from .._network import ReLUNet, check_inputs, parameters, with_parameters
 from .._state import parameter_gradients
 
 _MAX_PARAMS = 4096  # the Jacobian of the velocity field is (n, n): small problems only

@@ -11,9 +11,8 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._algebra import flat_kernel
-from .._checks import check_inputs
 from .._kernels import collective_kernel, layer_kernels
-from .._network import ReLUNet, _positive_int, forward, structure_kwargs
+from .._network import ReLUNet, _positive_int, check_inputs, forward, structure_kwargs
 from .._sweep import sweep
 
 

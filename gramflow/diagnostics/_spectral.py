@@ -9,10 +9,17 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._algebra import flat_kernel
-from .._checks import check_inputs
 from .._kernels import layer_kernels
 from .._matvec import block_krylov_eigs
-from .._network import ReLUNet, _positive_int, forward, parameters, trainable, with_parameters
+from .._network import (
+    ReLUNet,
+    _positive_int,
+    check_inputs,
+    forward,
+    parameters,
+    trainable,
+    with_parameters,
+)
 
 
 class Sensitivity(eqx.Module):
