@@ -6,7 +6,7 @@
 Depth is counted as the number of hidden (trained) layers L; with the fixed readout the
 network has L + 1 weight layers, so "depth three" of the paper is L = 2. Float64; gradient
 descent on ½ Σ r² with a fixed step; every closure runs beside the weights engine in one
-scan (`reference="weights"`), seeds through `jax.vmap`.
+scan (`reference=gf.Weights()`), seeds through `jax.vmap`.
 """
 
 from __future__ import annotations

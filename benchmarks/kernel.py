@@ -106,7 +106,7 @@ def methods(net):
     def naive(ws, X):
         n = eqx_replace(net, ws)
         _, Z, _, _, Delta, _ = fields(n, X)
-        return _kernel_tile(n, Z, Delta, Z, Delta)
+        return _kernel_tile(n, Z, Delta, Z, Delta, gf.CostModel.default())
 
     def jacrev_jjt(ws, X):
         J = jax.jacrev(lambda w: _plain_f(w, readout, scales, X))(ws)

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 
 import gramflow as gf
 
+ENGINES = {"weights": gf.Weights(), "collective": gf.Collective(),
+           "frozen_kernel": gf.FrozenKernel()}
+
 
 def _time(fn, repeats):
     t0 = time.perf_counter()
@@ -56,21 +59,21 @@ def main(argv=None):
         net = gf.ReLUNet.init(jax.random.key(1), d, (N,) * L, dtype=jnp.float32)
         K = gf.collective_kernel(net, X)
         lr = float(0.5 / jnp.linalg.eigvalsh(K)[-1])
-        check = gf.simulate(net, X, y, steps=T, lr=lr, engine="collective", reference="weights",
-                            observables=("loss",), record_every=T)
+        check = gf.simulate(net, X, y, steps=T, lr=lr, engine=gf.Collective(),
+                            reference=gf.Weights(), observables=("loss",), record_every=T)
         err = float(check.observables["closure_error"].max())
         assert err < 1e-3, f"collective and weights engines disagree: {err:.2e}"
         for obs_name, obs in [("loss only", ("loss",)), ("default", None)]:
             base = None
-            for engine in ("weights", "collective", "frozen_kernel"):
-                if engine == "frozen_kernel" and obs is None:
+            for name, engine in ENGINES.items():
+                if name == "frozen_kernel" and obs is None:
                     continue
                 fn = lambda: gf.simulate(net, X, y, steps=T, lr=lr, engine=engine,  # noqa: E731
                                          observables=obs, record_every=10)
                 med, first = _time(fn, args.repeats)
-                base = med if engine == "weights" else base
-                rows.append((L, obs_name, engine, med, first))
-                print(f"{L:>2}  {obs_name:<11}  {engine:<14}  {1e3 * med / T:>9.3f}  "
+                base = med if name == "weights" else base
+                rows.append((L, obs_name, name, med, first))
+                print(f"{L:>2}  {obs_name:<11}  {name:<14}  {1e3 * med / T:>9.3f}  "
                       f"{med / base:>9.2f}x  {first - med:>9.2f}")
         print(f"    agreement (L = {L}): max relative residual error collective vs weights {err:.1e}")
     return rows

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import gramflow as gf
+from gramflow._network import structure_kwargs, trainable
 from gramflow.diagnostics import default_structures
 
 SHOWN = ("lr", "condition", "steps_to_target", "final_ratio", "nonmonotone", "roughness",
@@ -48,7 +49,7 @@ def _plain_f(net, X):
 
 
 def _jjt(net, X):
-    spec = gf._structure.trainable(net)
+    spec = trainable(net)
     params, rest = eqx.partition(net, spec)
     J = jax.jacrev(lambda p: _plain_f(eqx.combine(p, rest), X))(params)
     J = jnp.concatenate([j.reshape(X.shape[0], -1) for j in jax.tree.leaves(J)], axis=1)
@@ -63,12 +64,13 @@ def agreement(X, y, width, depth, names=None):
         if names is not None and name not in names:
             continue
         arch = (width,) * depth
-        kw = gf._structure.structure_kwargs(structure, X.shape[1], arch)
+        kw = structure_kwargs(structure, X.shape[1], arch)
         net = gf.ReLUNet.init(jax.random.key(0), X.shape[1], arch, **kw)
         K, K_ref = gf.collective_kernel(net, X), _jjt(net, X)
         e_k = float(jnp.linalg.norm(K - K_ref) / jnp.linalg.norm(K_ref))
         w = gf.simulate(net, X, y, steps=20, lr=0.02, observables=("r",))
-        c = gf.simulate(net, X, y, steps=20, lr=0.02, engine="collective", observables=("r",))
+        c = gf.simulate(net, X, y, steps=20, lr=0.02, engine=gf.Collective(),
+                        observables=("r",))
         e_c = float(jnp.linalg.norm(c.r - w.r) / jnp.linalg.norm(w.r))
         worst = max(worst, e_k, e_c)
         print(f"  {name:<10} {e_k:>17.1e} {e_c:>17.1e}")
