@@ -3,11 +3,14 @@ and the exact width padding that lets networks of different widths share it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
 from jaxtyping import Array, Float
 
 from ._engines import AbstractEngine, Weights
@@ -122,3 +125,46 @@ def core_sweep(
     run = jax.vmap(run, in_axes=(0, None, None))
     out = run(net_arrays, None if lrs is None else jnp.asarray(lrs), eng_arrays)
     return eqx.combine(out, static[0])
+
+
+def run_pairs(nets: ReLUNet, lrs: Float[Array, " B"], X, y, *, steps: int, engine,
+              record_every: int, observables, top_m: int, reference) -> dict[str, Array]:
+    """`simulate` on the pairs `(nets[b], lrs[b])` side by side (one vmap): the unit of work
+    of the `sweep` driver, which chunks, shards and stores it. Returns the recorded arrays
+    (`loss`, `r` if recorded, each observable, `first_nonfinite`, `step`), leading axis B."""
+    net_arrays, net_static = eqx.partition(nets, eqx.is_array)
+
+    def one(arrays, lr):
+        traj = simulate(eqx.combine(arrays, net_static), X, y, steps=steps, lr=lr,
+                        engine=engine, record_every=record_every, observables=observables,
+                        top_m=top_m, reference=reference)
+        return {"loss": traj.loss, **({"r": traj.r} if traj.r is not None else {}),
+                **traj.observables, "first_nonfinite": traj.first_nonfinite,
+                "step": traj.step}
+
+    return jax.vmap(one)(net_arrays, lrs)
+
+
+#: `run_pairs` compiled once per static configuration and shape and kept: a sweep called
+#: twice with the same grid reuses its programs instead of tracing them again.
+run_pairs_jit = eqx.filter_jit(run_pairs)
+
+
+def working_bytes(fn, *args, **kwargs) -> int:
+    """An estimate of the memory `fn(*args, **kwargs)` needs, read off its program (not off
+    what its inputs mean): its arguments and outputs plus four times its largest intermediate
+    array, found by walking the jaxpr and every sub-jaxpr (scan bodies, jitted calls)."""
+    closed = jax.make_jaxpr(functools.partial(fn, **kwargs))(*args)
+    nbytes = lambda v: int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize  # noqa: E731
+    largest = 0
+    stack = [closed.jaxpr]
+    while stack:
+        jaxpr = stack.pop()
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                if isinstance(v.aval, jax.core.ShapedArray):
+                    largest = max(largest, nbytes(v))
+            stack.extend(jex_core.jaxprs_in_params(eqn.params))
+    ends = sum(nbytes(v) for v in (*closed.jaxpr.invars, *closed.jaxpr.outvars)
+               if isinstance(v.aval, jax.core.ShapedArray))
+    return ends + 4 * largest

@@ -60,6 +60,8 @@ class AbstractObservable(eqx.Module):
 
     name: ClassVar[str] = "observable"
     needs_fields: ClassVar[bool] = True
+    #: names of the axes of one record (a prefix is used when the value has fewer axes)
+    dims: ClassVar[tuple[str, ...]] = ()
 
     def reference(self, view: View, y) -> Any:
         return None
@@ -83,6 +85,7 @@ class Residual(AbstractObservable):
     """The residual `r`, `(P,)` or `(P, k)`."""
 
     name: ClassVar[str] = "r"
+    dims: ClassVar[tuple[str, ...]] = ("sample", "output")
     needs_fields: ClassVar[bool] = False
 
     def __call__(self, view, ref):
@@ -93,6 +96,7 @@ class KernelTrace(AbstractObservable):
     """`tr K_l` per layer, `(L,)`, O(P N) (`Layer.trace`)."""
 
     name: ClassVar[str] = "kernel_trace"
+    dims: ClassVar[tuple[str, ...]] = ("layer",)
 
     def __call__(self, view, ref):
         return jnp.stack([layer.trace(z, d) for layer, z, d in zip(view.layers, view.Z, view.Delta)])
@@ -102,6 +106,7 @@ class KernelShare(AbstractObservable):
     """`tr K_l / tr K`, `(L,)`."""
 
     name: ClassVar[str] = "kernel_share"
+    dims: ClassVar[tuple[str, ...]] = ("layer",)
 
     def __call__(self, view, ref):
         tr = KernelTrace()(view, ref)
@@ -115,6 +120,7 @@ class ActiveFraction(AbstractObservable):
     for good)."""
 
     name: ClassVar[str] = "active_fraction"
+    dims: ClassVar[tuple[str, ...]] = ("layer",)
 
     def __call__(self, view, ref):
         out = []
@@ -129,6 +135,7 @@ class KernelEigenvalues(AbstractObservable):
 
     m: int = eqx.field(static=True, default=5)
     name: ClassVar[str] = "kernel_eigs"
+    dims: ClassVar[tuple[str, ...]] = ("eigenvalue",)
 
     def __call__(self, view, ref):
         return _top(_kernels(view)[1], self.m)
@@ -139,6 +146,7 @@ class LayerKernelEigenvalues(AbstractObservable):
 
     m: int = eqx.field(static=True, default=5)
     name: ClassVar[str] = "layer_kernel_eigs"
+    dims: ClassVar[tuple[str, ...]] = ("layer", "eigenvalue")
 
     def __call__(self, view, ref):
         return jnp.stack([_top(k, self.m) for k in _kernels(view)[0]])
@@ -158,6 +166,7 @@ class Kernel(AbstractObservable):
     """The full kernel K, `(P, P)` or `(P, P, k, k)` per record (memory!)."""
 
     name: ClassVar[str] = "kernel"
+    dims: ClassVar[tuple[str, ...]] = ("sample", "sample_", "output", "output_")
 
     def __call__(self, view, ref):
         return _kernels(view)[1]
@@ -193,6 +202,7 @@ class CoactivationDrift(AbstractObservable):
     """`‖Q_l(t) − Q_l(0)‖_F / ‖Q_l(0)‖_F` per layer, `(L,)`."""
 
     name: ClassVar[str] = "coactivation_drift"
+    dims: ClassVar[tuple[str, ...]] = ("layer",)
 
     def reference(self, view, y):
         return tuple(coactivation(d) for d in view.Delta)
@@ -207,6 +217,7 @@ class BalanceDrift(AbstractObservable):
     layer L, whose outgoing weights are the fixed readout."""
 
     name: ClassVar[str] = "balance_drift"
+    dims: ClassVar[tuple[str, ...]] = ("layer",)
 
     def reference(self, view, y):
         return neuron_balance(view.net)
@@ -223,6 +234,7 @@ class OperatorDrift(AbstractObservable):
     `gramflow.operator_pairs(L)`; materializes them: small problems only."""
 
     name: ClassVar[str] = "operator_drift"
+    dims: ClassVar[tuple[str, ...]] = ("operator_pair",)
 
     def _ops(self, view):
         D = view.D if view.op_masks is None else view.op_masks
@@ -314,6 +326,17 @@ def references(view: View, y, observables: dict) -> dict:
 def observe(view: View, refs: dict, observables: dict) -> dict[str, Array]:
     """Evaluate every observable on one view (identical kernel products are shared by XLA)."""
     return {name: obs(view, refs[name]) for name, obs in observables.items()}
+
+
+#: axes of the records a `reference=` engine adds
+CLOSURE_DIMS = {"closure_error": (), "field_error": ("layer",)}
+
+
+def dims_of(name: str, observable: AbstractObservable | None, ndim: int) -> tuple[str, ...]:
+    """The names of the `ndim` axes of one record of an observable (`axis<i>` where it does
+    not name them)."""
+    named = CLOSURE_DIMS.get(name, ()) if observable is None else observable.dims
+    return tuple(named[i] if i < len(named) else f"axis{i}" for i in range(ndim))
 
 
 def closure_errors(view: View, ref_view: View) -> dict[str, Array]:

@@ -17,18 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from ._batch import pad_network, run_pairs, run_pairs_jit, width_buckets, working_bytes
 from ._checks import check_data
 from ._engines import AbstractEngine, Weights
 from ._mask import Mask
 from ._network import PARAMETRIZATIONS, ReLUNet, _positive_int, structure_kwargs
-from ._observables import validate
+from ._observables import dims_of, resolve
 from ._progress import progress_bar
-from ._simulate import _check_engine, simulate
+from ._simulate import _check_engine
 from ._version import __version__
 
-# Observables with one entry per hidden layer: padded with NaN up to the deepest network.
-_PER_LAYER = {"kernel_trace", "kernel_share", "active_fraction", "coactivation_drift",
-              "balance_drift", "layer_kernel_eigs", "field_error"}
+_COST: dict = {}  # per-configuration memory of each program the driver has measured
+
+#: the grid axes every array of a `SweepResult` starts with
+GRID_DIMS = ("depth", "width", "seed", "lr")
 
 
 class SweepResult(eqx.Module):
@@ -49,6 +51,12 @@ class SweepResult(eqx.Module):
     - `seeds`: the seeds, as ints (static).
     - `arch`: `arch[i][j]`, the per-layer widths of depth `depths[i]` and width entry
       `widths[j]` (static).
+    - `dims`: the name of every axis of `loss`, `first_nonfinite` and each observable,
+      e.g. `("depth", "width", "seed", "lr", "record", "layer")` (static).
+
+    With `out=` the driver also writes `result.npz` / `result.json` (arrays, grid, dims,
+    versions, dtype, configuration); `SweepResult.load(out)` reads them back without
+    rerunning anything.
     """
 
     loss: Float[Array, "D W S R T"]
@@ -60,6 +68,40 @@ class SweepResult(eqx.Module):
     widths: tuple = eqx.field(static=True)
     seeds: tuple[int, ...] = eqx.field(static=True)
     arch: tuple = eqx.field(static=True)
+    dims: dict = eqx.field(static=True, default=None)
+
+    def save(self, directory, meta: dict) -> None:
+        """Write `result.npz` and `result.json` (with `meta`) to `directory`."""
+        arrays = {"loss": self.loss, "first_nonfinite": self.first_nonfinite,
+                  "step": self.step, "lrs": self.lrs,
+                  **{f"observables/{k}": v for k, v in self.observables.items()}}
+        grid = dict(depths=list(self.depths), seeds=list(self.seeds),
+                    widths=[w if isinstance(w, int) else list(w) for w in self.widths],
+                    arch=[[list(a) for a in row] for row in self.arch])
+        dims = {**{k: list(v) for k, v in self.dims.items()}, "step": ["record"], "lrs": ["lr"]}
+        _atomic_save(directory, "result", {k: np.asarray(v) for k, v in arrays.items()},
+                     dict(meta, grid=grid, dims=dims, observables=list(self.observables)))
+
+    @classmethod
+    def load(cls, directory) -> SweepResult:
+        """The result a finished `sweep(..., out=directory)` wrote, without rerunning it."""
+        meta_path = os.path.join(directory, "result.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(
+                f"{meta_path} does not exist: `SweepResult.load` reads the result a finished "
+                "`sweep(..., out=...)` writes there; run (or finish) that sweep first.")
+        meta = _read_meta(meta_path)
+        arrays = {k: jnp.asarray(v) for k, v in _read_arrays(meta_path, meta).items()}
+        grid = meta["grid"]
+        widths = tuple(w if isinstance(w, int) else tuple(w) for w in grid["widths"])
+        return cls(loss=arrays["loss"],
+                   observables={k: arrays[f"observables/{k}"] for k in meta["observables"]},
+                   first_nonfinite=arrays["first_nonfinite"], step=arrays["step"],
+                   lrs=arrays["lrs"], depths=tuple(grid["depths"]), widths=widths,
+                   seeds=tuple(grid["seeds"]),
+                   arch=tuple(tuple(tuple(a) for a in row) for row in grid["arch"]),
+                   dims={k: tuple(v) for k, v in meta["dims"].items()
+                         if k not in ("step", "lrs")})
 
 
 def _architectures(widths, depths) -> list[list[tuple[int, ...]]]:
@@ -88,45 +130,11 @@ def _architectures(widths, depths) -> list[list[tuple[int, ...]]]:
     return out
 
 
-def pad_network(net: ReLUNet, widths: Sequence[int]) -> ReLUNet:
-    """Zero-pad the hidden layers of `net` to `widths` (DESIGN.md §4): padded units get zero
-    incoming and outgoing weights and zero readout, so they stay exactly inactive
-    (relu'(0) = 0) and every trajectory is unchanged; the scales keep the true widths. Masks
-    are zero-padded too; gains and skip strengths are kept (a skip path needs the padded layer
-    to stay square)."""
-    weights, fan_in = [], net.in_dim
-    for W, n in zip(net.weights, widths):
-        weights.append(jnp.zeros((n, fan_in), W.dtype).at[: W.shape[0], : W.shape[1]].set(W))
-        fan_in = n
-    a = net.readout
-    readout = jnp.zeros((widths[-1], *a.shape[1:]), a.dtype).at[: a.shape[0]].set(a)
-    masks = None if net.masks is None else tuple(
-        None if m is None else m.padded(w.shape) for m, w in zip(net.masks, weights))
-    return ReLUNet(weights, readout, net.scales, net.parametrization, masks=masks,
-                   gains=net.gains, skips=net.skips, train=net.train)
-
-
 def _default_max_bytes() -> int:
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(0.5 * stats["bytes_limit"])
     return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def _bytes_per_config(arch, P, d, k, T, names, top_m, itemsize) -> int:
-    """A generous estimate of the memory one configuration needs while it runs."""
-    sizes = (d, *arch)
-    params = sum(a * b for a, b in zip(sizes[1:], sizes[:-1]))
-    fields = 12 * P * sum(arch) * (1 + k)
-    records = T * (P * k + 8 * len(arch) + top_m * (len(arch) + 1))
-    kernels = 0
-    if {"kernel", "kernel_eigs", "kernel_drift", "alignment", "coactivation_drift",
-            "layer_kernel_eigs"} & set(names):
-        kernels = (len(arch) + 4) * (P * k) ** 2 + (T * (P * k) ** 2 if "kernel" in names else 0)
-    ops = 0
-    if "operator_drift" in names:
-        ops = 3 * sum(P * P * n * n for n in arch)
-    return 2 * itemsize * (4 * params + fields + records + kernels + ops)
 
 
 def _fingerprint(X, y, config) -> str:
@@ -194,6 +202,35 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _read_meta(meta_path) -> dict:
+    """A file's JSON, checked against its own checksum (`ValueError` naming it if damaged)."""
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read().decode())
+        intact = meta.pop("checksum") == _checksum(meta)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        raise _damaged(meta_path, f"cannot read it ({type(err).__name__}: {err})") from err
+    if not intact:
+        raise _damaged(meta_path, "its content does not match its checksum")
+    return meta
+
+
+def _read_arrays(meta_path, meta) -> dict:
+    """The npz beside `meta_path`, checked against the SHA-256 its JSON holds."""
+    npz_path = meta_path[: -len(".json")] + ".npz"
+    try:
+        with open(npz_path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise _damaged(meta_path, f"cannot read {os.path.basename(npz_path)} "
+                                  f"({type(err).__name__}: {err})") from err
+    if hashlib.sha256(data).hexdigest() != meta["npz_sha256"]:
+        raise _damaged(meta_path, f"{os.path.basename(npz_path)} does not match the "
+                                  "checksum in the JSON (truncated or modified)")
+    with np.load(io.BytesIO(data)) as z:  # the bytes written: they load
+        return {key: z[key] for key in z.files}
+
+
 def _load_finished(directory, prefix, fingerprint, config, n):
     """The finished chunks `prefix_configs*.json` in `directory`, as `(indices, arrays)` pairs
     (indices into the `n` configurations of the group). Chunks of another chunking are fine;
@@ -201,14 +238,7 @@ def _load_finished(directory, prefix, fingerprint, config, n):
     pieces = []
     for meta_path in sorted(glob.glob(os.path.join(glob.escape(str(directory)),
                                                    glob.escape(prefix) + "_configs*.json"))):
-        try:
-            with open(meta_path, "rb") as f:
-                meta = json.loads(f.read().decode())
-            intact = meta.pop("checksum") == _checksum(meta)
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
-            raise _damaged(meta_path, f"cannot read it ({type(err).__name__}: {err})") from err
-        if not intact:
-            raise _damaged(meta_path, "its content does not match its checksum")
+        meta = _read_meta(meta_path)
         if meta["fingerprint"] != fingerprint:
             old = meta.get("config", {})
             diff = [f"{k} = {_short(old.get(k))} there, {_short(config.get(k))} now"
@@ -219,18 +249,7 @@ def _load_finished(directory, prefix, fingerprint, config, n):
                 + ("; ".join(diff) if diff else "the data `X`, `y` differ")
                 + ". Pass another `out` directory, or empty this one to start over."
             )
-        npz_path = meta_path[: -len(".json")] + ".npz"
-        try:
-            with open(npz_path, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            raise _damaged(meta_path, f"cannot read {os.path.basename(npz_path)} "
-                                      f"({type(err).__name__}: {err})") from err
-        if hashlib.sha256(data).hexdigest() != meta["npz_sha256"]:
-            raise _damaged(meta_path, f"{os.path.basename(npz_path)} does not match the "
-                                      "checksum in the JSON (truncated or modified)")
-        with np.load(io.BytesIO(data)) as z:  # the bytes written: they load
-            arrays = {key: z[key] for key in z.files}
+        arrays = _read_arrays(meta_path, meta)
         index = np.asarray(meta["index"], np.int64)
         if index.size == 0 or index.min() < 0 or index.max() >= n or any(
                 len(v) != len(index) for v in arrays.values()):
@@ -262,13 +281,16 @@ def sweep(
     top_m: int = 5,
     reference: AbstractEngine | None = None,
     structure: dict | Callable[[int, tuple[int, ...]], dict] | None = None,
+    max_padding: float = 0.25,
     progress: bool = True,
 ) -> SweepResult:
     """Gradient descent (`simulate`) over the grid depths × widths × seeds × lrs.
 
-    Seeds and learning rates run through `jax.vmap`; widths too, by exact zero-padding to the
-    largest width (DESIGN.md §4, `pad_network`), with the scales from the true widths as
-    traced leaves; each depth compiles once. The configurations of a depth are split into
+    A driver around one pure core (`run_pairs`, compiled once per static configuration and
+    kept, so an identical second call reuses it): seeds and learning rates run through
+    `jax.vmap`; widths too, by exact zero-padding (`pad_network`) within buckets of similar
+    widths (`width_buckets`: padding wastes at most `max_padding` of a bucket's work), with
+    the scales from the true widths as traced leaves. The configurations of a depth are split into
     chunks that fit `max_bytes` (default: half the accelerator's memory, or a quarter of the
     host's RAM on CPU), run one compiled call per chunk with a progress bar, and, with more
     than one device, sharded over the devices along the configuration axis
@@ -320,10 +342,10 @@ def sweep(
     if not engine.needs_lr():
         raise ValueError("`sweep` sweeps the step size `lrs` of plain gradient descent; an "
                          "engine with its own optimizer is not supported here.")
-    names = validate(observables, fields=engine.carries_fields, top_m=top_m)
+    obs = resolve(observables, fields=engine.carries_fields, top_m=top_m)
     P, d = X.shape
-    k = 1 if out_dim is None else out_dim
-    T = steps // record_every + 1 + (steps % record_every > 0)
+    if not 0 <= max_padding:
+        raise ValueError(f"`max_padding` must be ≥ 0, got {max_padding!r}.")
     budget = _default_max_bytes() if max_bytes is None else int(max_bytes)
     devices = jax.devices()
     n_dev = len(devices)
@@ -333,20 +355,17 @@ def sweep(
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("configs"))
     lrs_arr = jnp.asarray(lr_values, X.dtype)
     n_sr = len(seeds) * len(lr_values)  # configurations per width
+    static = dict(steps=steps, engine=engine, record_every=record_every, observables=obs,
+                  top_m=top_m, reference=reference)
+
+    def fn(nets, lrs):
+        return run_pairs_jit(nets, lrs, X, y, **static)
 
     seed_keys = jnp.stack([jax.random.key(s) for s in seeds])
     plans, struct_desc = [], []
     for i, L in enumerate(depths):
-        padded = tuple(max(a[l] for a in arch[i]) for l in range(L))
-        per = _bytes_per_config(padded, P, d, k, T, names, top_m, X.dtype.itemsize)
-        if per > budget:
-            raise ValueError(
-                f"one configuration at depth {L} (widths up to {padded}) needs about "
-                f"{per:,} bytes, above max_bytes = {budget:,}; reduce P, the widths, or the "
-                "recorded observables."
-            )
-        # Networks of one depth; those with equal static structure share a vmap, zero-padded
-        # to the group's largest widths.
+        # Networks of one depth: those with equal static structure and similar widths (a
+        # bucket) share a vmap, zero-padded to the bucket's largest widths.
         nets, groups = [], {}
         for w, a in enumerate(arch[i]):
             kw = structure_kwargs(structure, d, a)
@@ -356,22 +375,36 @@ def sweep(
                 **kw))(seed_keys)
             nets.append(net)
             groups.setdefault(jax.tree.structure(net), []).append(w)
-        chunk = max(1, min(len(widths) * n_sr, budget // per))
-        chunk = -(-chunk // n_dev) * n_dev if chunk >= n_dev else n_dev  # whole devices
         parts = []
-        for g, ws in enumerate(groups.values()):
-            pad_to = tuple(max(arch[i][w][l] for w in ws) for l in range(L))
-            group = [jax.vmap(lambda n: pad_network(n, pad_to))(nets[w]) for w in ws]
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *group)  # (W, S, ...)
-            parts.append((g, ws, stacked, pad_to))
-        plans.append((chunk, parts))
+        for same in groups.values():
+            for members, pad_to in width_buckets([arch[i][w] for w in same], d, max_padding):
+                ws = [same[m] for m in members]
+                group = [jax.vmap(lambda n: pad_network(n, pad_to))(nets[w]) for w in ws]
+                stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *group)  # (W, S, ...)
+                one = jax.tree.map(lambda a: a[:1, 0], stacked)
+                key = (repr(jax.tree.map(lambda a: (a.shape, a.dtype), (one, X, y))),
+                       repr(sorted((k, repr(v)) for k, v in static.items())))
+                if key not in _COST:  # measured once per program, like its compilation
+                    _COST[key] = working_bytes(run_pairs, one, lrs_arr[:1], X, y, **static)
+                per = _COST[key]
+                if per > budget:
+                    raise ValueError(
+                        f"one configuration at depth {L} (widths {pad_to}) needs about "
+                        f"{per:,} bytes, above max_bytes = {budget:,}; reduce P, the widths, "
+                        "or the recorded observables."
+                    )
+                chunk = max(1, min(len(ws) * n_sr, budget // per))
+                chunk = -(-chunk // n_dev) * n_dev if chunk >= n_dev else n_dev  # whole devices
+                parts.append((len(parts), ws, stacked, pad_to, chunk))
+        plans.append(parts)
 
     # What the results depend on (not the chunking): the fingerprint of the chunk files.
     config = dict(widths=[list(a) for row in arch for a in row], depths=[int(L) for L in depths],
                   seeds=list(seeds), lrs=lr_values.tolist(), steps=steps, engine=repr(engine),
                   record_every=record_every, parametrization=parametrization, out_dim=out_dim,
-                  names=list(names), top_m=top_m, reference=repr(reference),
-                  dtype=str(X.dtype), structure=struct_desc)
+                  observables={k: repr(v) for k, v in obs.items()}, top_m=top_m,
+                  reference=repr(reference), dtype=str(X.dtype), structure=struct_desc,
+                  max_padding=max_padding)
     config = json.loads(json.dumps(config))  # as read back from a chunk file
     fingerprint = _fingerprint(X, y, config)
     # Per (depth, group): the finished chunks `(configuration indices, arrays)`, loaded up
@@ -380,27 +413,19 @@ def sweep(
     if out is not None:
         os.makedirs(out, exist_ok=True)
     for i, L in enumerate(depths):
-        for g, ws, _, _ in plans[i][1]:
+        for g, ws, *_ in plans[i]:
             n = len(ws) * n_sr
             finished[i, g] = [] if out is None else _load_finished(
                 out, f"depth{L}_group{g}", fingerprint, config, n)
             covered = [index for index, _ in finished[i, g]]
             todo[i, g] = np.setdiff1d(np.arange(n), np.concatenate(covered) if covered else [])
 
-    def single(net, lr):
-        traj = simulate(net, X, y, steps=steps, lr=lr, engine=engine, observables=names,
-                        record_every=record_every, top_m=top_m, reference=reference)
-        return {"loss": traj.loss, **({"r": traj.r} if traj.r is not None else {}),
-                **traj.observables, "first_nonfinite": traj.first_nonfinite,
-                "step": traj.step}
-
-    fn = jax.jit(jax.vmap(single))
-    bar = _progress(sum(-(-len(t) // plans[i][0]) for (i, _), t in todo.items()), progress)
+    chunks = {(i, part[0]): part[4] for i in range(len(depths)) for part in plans[i]}
+    bar = _progress(sum(-(-len(t) // chunks[key]) for key, t in todo.items()), progress)
     per_depth = []
     for i, L in enumerate(depths):
-        chunk, parts = plans[i]
         merged = {}
-        for g, ws, nets, pad_to in parts:
+        for g, ws, nets, pad_to, chunk in plans[i]:
             n = len(ws) * n_sr
             grid = np.stack(np.unravel_index(np.arange(n), (len(ws), len(seeds),
                                                             len(lr_values))), axis=1)
@@ -426,37 +451,48 @@ def sweep(
                 v = np.empty((n,) + first.shape[1:], first.dtype)
                 for index, done in pieces:
                     v[index] = done[key]
-                v = v.reshape((len(ws), len(seeds), len(lr_values)) + v.shape[1:])
-                if key not in merged:
-                    merged[key] = np.zeros((len(widths),) + v.shape[1:], v.dtype)
-                merged[key][ws] = v  # (active_fraction leaves out padded units itself)
-        per_depth.append(merged)
+                merged.setdefault(key, []).append(
+                    (ws, v.reshape((len(ws), len(seeds), len(lr_values)) + v.shape[1:])))
+        per_depth.append({key: _assemble(parts, len(widths)) for key, parts in merged.items()})
     bar.close()
 
-    L_max = max(depths)
-
-    def stack(key):
-        arrays = []
-        for merged, L in zip(per_depth, depths):
-            a = merged[key]
-            if key in _PER_LAYER and a.shape[4] < L_max:
-                pad = [(0, 0)] * a.ndim
-                pad[4] = (0, L_max - a.shape[4])
-                a = np.pad(a.astype(np.float64 if a.dtype == np.float64 else a.dtype), pad,
-                           constant_values=np.nan)
-            arrays.append(a)
-        return jnp.asarray(np.stack(arrays))
+    def stack(key):  # over depths, each observable's shape from what it returned
+        return jnp.asarray(_assemble([([i], a[None]) for i, a in
+                                      enumerate(d[key] for d in per_depth)], len(depths)))
 
     keys = [key for key in per_depth[0] if key not in ("loss", "first_nonfinite", "step")]
-    return SweepResult(
+    dims = {key: GRID_DIMS + ("record",) * (key != "first_nonfinite") + dims_of(
+        key, obs.get(key), per_depth[0][key].ndim - 3 - (key != "first_nonfinite"))
+        for key in ("loss", "first_nonfinite", *keys)}
+    result = SweepResult(
         loss=stack("loss"),
         observables={key: stack(key) for key in keys},
         first_nonfinite=stack("first_nonfinite"),
-        step=jnp.asarray(per_depth[0]["step"].reshape(-1, T)[0]),
+        step=jnp.asarray(per_depth[0]["step"].reshape(-1, per_depth[0]["step"].shape[-1])[0]),
         lrs=lrs_arr,
         depths=depths,
         widths=widths,
         seeds=seeds,
         arch=tuple(tuple(row) for row in arch),
+        dims=dims,
     )
+    if out is not None:
+        result.save(out, dict(fingerprint=fingerprint, config=config, gramflow=__version__,
+                              jax=jax.__version__, dtype=str(X.dtype)))
+    return result
+
+
+def _assemble(parts, n: int) -> np.ndarray:
+    """Place `(indices, array)` parts along a new first axis of length `n`; arrays whose
+    trailing shapes differ (per-layer observables of other depths, per-unit ones of other
+    widths) are padded with NaN to the largest."""
+    shape = tuple(max(a.shape[j] for _, a in parts) for j in range(1, parts[0][1].ndim))
+    dtype = parts[0][1].dtype
+    ragged = any(a.shape[1:] != shape for _, a in parts)
+    if ragged and not np.issubdtype(dtype, np.floating):
+        dtype = np.float64
+    out = np.full((n, *shape), np.nan if ragged else 0, dtype)
+    for index, a in parts:
+        out[(np.asarray(index),) + tuple(slice(0, m) for m in a.shape[1:])] = a
+    return out
 

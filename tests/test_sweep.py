@@ -72,17 +72,28 @@ def test_depths_and_per_layer_observables(data):
     assert res.first_nonfinite.shape == (2, 2, 1, 1)
 
 
-def test_chunking_changes_nothing(data, monkeypatch):
+PER = 10_000  # bytes per configuration, fixed by the `fixed_cost` fixture
+
+
+@pytest.fixture
+def fixed_cost(monkeypatch):
+    """Make the per-configuration memory estimate (read off the program) a known number, so
+    a test can ask for chunks of a given size through `max_bytes`."""
+    monkeypatch.setattr(sweep_module, "working_bytes", lambda *a, **k: PER)
+    monkeypatch.setattr(sweep_module, "_COST", {})
+
+
+def test_chunking_changes_nothing(data, monkeypatch, fixed_cost):
     X, y = data
     calls = []
     real = sweep_module._run_chunk
     monkeypatch.setattr(sweep_module, "_run_chunk",
                         lambda *a: calls.append(1) or real(*a))
     kw = dict(widths=(3, 5, 8), depths=(2,), seeds=(0, 1, 2), lrs=(0.05, 0.1), steps=10,
-              progress=False)
+              progress=False, max_padding=10.0)  # one bucket: every width padded to 8
     one = gf.sweep(X, y, **kw)
     assert len(calls) == 1
-    per = sweep_module._bytes_per_config((8, 8), 10, 4, 1, 11, ("loss", "r"), 5, 8)
+    per = PER
     many = gf.sweep(X, y, max_bytes=5 * per, **kw)
     assert len(calls) > 3
     assert rel_err(many.observables["r"], one.observables["r"]) <= 1e-12
@@ -113,11 +124,10 @@ def test_sharded_equals_single_device(data, tmp_path):
     assert rel_err(outputs[4]["loss"], outputs[1]["loss"]) <= 1e-12
 
 
-def test_interrupted_sweep_resumes(data, tmp_path, monkeypatch):
+def test_interrupted_sweep_resumes(data, tmp_path, monkeypatch, fixed_cost):
     X, y = data
     kw = dict(widths=(3, 5), depths=(1, 2), seeds=(0, 1), lrs=(0.05, 0.1), steps=10,
-              progress=False, max_bytes=3 * sweep_module._bytes_per_config(
-                  (5, 5), 10, 4, 1, 11, ("loss", "r"), 5, 8))
+              progress=False, max_bytes=3 * PER)
     reference = gf.sweep(X, y, **kw)
     real = sweep_module._run_chunk
     computed = []
@@ -131,7 +141,7 @@ def test_interrupted_sweep_resumes(data, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "_run_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         gf.sweep(X, y, out=tmp_path, **kw)
-    finished = sorted(p.name for p in tmp_path.glob("*.json"))
+    finished = sorted(p.name for p in tmp_path.glob("depth*.json"))
     assert len(finished) == 3 and not list(tmp_path.glob("*.tmp"))
     meta = json.loads((tmp_path / finished[0]).read_text())
     assert {"fingerprint", "depth", "group", "index", "configs", "config", "gramflow",
@@ -143,7 +153,7 @@ def test_interrupted_sweep_resumes(data, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "_run_chunk",
                         lambda *a: recomputed.append(1) or real(*a))
     resumed = gf.sweep(X, y, out=tmp_path, **kw)
-    total = len(list(tmp_path.glob("*.json")))
+    total = len(list(tmp_path.glob("depth*.json")))
     assert len(recomputed) == total - 3  # nothing computed twice
     assert np.array_equal(resumed.observables["r"], reference.observables["r"])  # nothing lost
     again = []
@@ -155,11 +165,11 @@ def test_interrupted_sweep_resumes(data, tmp_path, monkeypatch):
         gf.sweep(X, y, out=tmp_path, **{**kw, "steps": 11})
 
 
-def test_resume_with_another_chunking(data, tmp_path, monkeypatch):
+def test_resume_with_another_chunking(data, tmp_path, monkeypatch, fixed_cost):
     """The chunk size depends on `max_bytes` (by default on the host's memory) and on the
     device count: a resume with another chunking reuses what is finished."""
     X, y = data
-    per = sweep_module._bytes_per_config((5,), 10, 4, 1, 11, ("loss", "r"), 5, 8)
+    per = PER
     kw = dict(widths=(3, 5), depths=(1,), seeds=(0, 1, 2), lrs=(0.05, 0.1), steps=10,
               progress=False)
     reference = gf.sweep(X, y, **kw)
@@ -175,14 +185,14 @@ def test_resume_with_another_chunking(data, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "_run_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         gf.sweep(X, y, out=tmp_path, max_bytes=5 * per, **kw)  # chunks of 5 configurations
-    before = {p.name for p in tmp_path.glob("*.json")}
+    before = {p.name for p in tmp_path.glob("depth*.json")}
     assert len(before) == 2
     sizes = []
     monkeypatch.setattr(sweep_module, "_run_chunk",
                         lambda *a: sizes.append(len(a[2])) or real(*a))
     resumed = gf.sweep(X, y, out=tmp_path, max_bytes=2 * per, **kw)  # chunks of 2
     assert sizes == [2]  # the 2 configurations of 12 that were not finished
-    indices = [json.loads(p.read_text())["index"] for p in sorted(tmp_path.glob("*.json"))]
+    indices = [json.loads(p.read_text())["index"] for p in sorted(tmp_path.glob("depth*.json"))]
     assert sorted(i for index in indices for i in index) == list(range(12))
     assert rel_err(resumed.observables["r"], reference.observables["r"]) <= 1e-12
     again = gf.sweep(X, y, out=tmp_path, **kw)  # default max_bytes: nothing left to run
@@ -220,13 +230,12 @@ def _flip(path):
 
 @pytest.mark.parametrize("damage", [_truncate, _flip])
 @pytest.mark.parametrize("suffix", [".npz", ".json"])
-def test_damaged_chunk_is_named(data, tmp_path, damage, suffix):
+def test_damaged_chunk_is_named(data, tmp_path, damage, suffix, fixed_cost):
     X, y = data
     kw = dict(widths=(3,), depths=(1,), seeds=(0, 1), lrs=(0.1,), steps=5, progress=False,
-              out=tmp_path, max_bytes=sweep_module._bytes_per_config(
-                  (3,), 10, 4, 1, 6, ("loss", "r"), 5, 8))
+              out=tmp_path, max_bytes=PER)
     first = gf.sweep(X, y, **kw)
-    meta, npz = sorted(tmp_path.glob("*.json"))[-1], sorted(tmp_path.glob("*.npz"))[-1]
+    meta, npz = sorted(tmp_path.glob("depth*.json"))[-1], sorted(tmp_path.glob("depth*.npz"))[-1]
     damage(meta if suffix == ".json" else npz)
     with pytest.raises(ValueError, match="damaged") as err:
         gf.sweep(X, y, **kw)

@@ -1,0 +1,112 @@
+"""The pure sweep core (a JAX function: jit, vmap, grad) and what the driver adds on top."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gramflow as gf
+from gramflow._batch import core_sweep, pad_network, stack, width_buckets
+
+
+@pytest.fixture
+def data():
+    return gf.teacher_student(jax.random.key(0), samples=10, in_dim=4)
+
+
+def nets_of(widths, seeds=(0, 1)):
+    return stack([gf.ReLUNet.init(jax.random.key(s), 4, widths) for s in seeds])
+
+
+def test_core_equals_separate_runs_and_is_a_jax_function(data):
+    X, y = data
+    nets, lrs = nets_of((6, 5)), jnp.array([0.05, 0.1])
+    batch = jax.jit(lambda n, l: core_sweep(n, X, y, steps=8, lrs=l, record_every=4))(nets, lrs)
+    assert batch.loss.shape == (2, 2, 3)
+    for b, r in itertools.product(range(2), range(2)):
+        net = gf.ReLUNet.init(jax.random.key(b), 4, (6, 5))
+        one = gf.simulate(net, X, y, steps=8, lr=float(lrs[r]), record_every=4)
+        assert np.allclose(batch.loss[b, r], one.loss, rtol=1e-12, atol=0)
+        assert np.allclose(batch.final.weights[1][b, r], one.final.weights[1], rtol=1e-12,
+                           atol=1e-14)
+
+    def final_loss(lrs):
+        return core_sweep(nets, X, y, steps=5, lrs=lrs).loss[..., -1].sum()
+
+    g = jax.grad(final_loss)(lrs)
+    eps = 1e-6  # central finite differences of the same function
+    fd = [(final_loss(lrs.at[i].add(eps)) - final_loss(lrs.at[i].add(-eps))) / (2 * eps)
+          for i in range(2)]
+    assert np.allclose(g, fd, rtol=1e-6)
+    vm = jax.vmap(lambda l: core_sweep(nets, X, y, steps=5, lrs=l[None]).loss)(lrs)
+    assert np.allclose(vm[:, :, 0], core_sweep(nets, X, y, steps=5, lrs=lrs).loss.transpose(
+        1, 0, 2), rtol=1e-12)
+
+
+def test_core_runs_a_batch_of_optimizers(data):
+    X, y = data
+    nets = nets_of((5,))
+    lrs = (1e-2, 3e-3)
+    batch = core_sweep(nets, X, y, steps=6, engine=[gf.Weights(optax.adam(lr)) for lr in lrs])
+    assert batch.loss.shape == (2, 2, 7)
+    for b, e in itertools.product(range(2), range(2)):
+        net = gf.ReLUNet.init(jax.random.key(b), 4, (5,))
+        one = gf.simulate(net, X, y, steps=6, engine=gf.Weights(optax.adam(lrs[e])))
+        assert np.allclose(batch.loss[b, e], one.loss, rtol=1e-12)
+
+
+def test_padding_is_exact_and_buckets_bound_the_waste(data):
+    X, y = data
+    net = gf.ReLUNet.init(jax.random.key(3), 4, (3, 5))
+    a = gf.simulate(net, X, y, steps=10, lr=0.1, engine=gf.Collective())
+    b = gf.simulate(pad_network(net, (7, 9)), X, y, steps=10, lr=0.1, engine=gf.Collective())
+    assert np.allclose(a.loss, b.loss, rtol=1e-13)
+    archs = [(w, w) for w in (4, 5, 8, 9, 30, 33, 100)]
+    for waste in (0.0, 0.25, 1.0):
+        groups = width_buckets(archs, 4, max_padding=waste)
+        assert sorted(i for g, _ in groups for i in g) == list(range(len(archs)))
+
+        def cost(a):
+            return sum(n * (m + 1) for n, m in zip(a, (4, *a[:-1])))
+
+        for members, pad_to in groups:
+            true = sum(cost(archs[i]) for i in members)
+            assert len(members) * cost(pad_to) <= (1 + waste) * true + 1e-9
+    assert len(width_buckets(archs, 4, 0.0)) == len(archs)
+    assert len(width_buckets(archs, 4, 0.25)) < len(archs)
+
+
+def test_identical_sweep_does_not_retrace(data):
+    X, y = data
+    traces = []
+
+    def counted(view):  # an observable of the fields that counts its own tracing
+        traces.append(1)
+        return jnp.sum(view.H[0])
+
+    kw = dict(widths=(3, 5), depths=(1,), seeds=(0, 1), lrs=(0.05,), steps=4,
+              observables={"h": counted}, progress=False)
+    first = gf.sweep(X, y, **kw)
+    n = len(traces)
+    assert n >= 1
+    second = gf.sweep(X, y, **kw)
+    assert len(traces) == n
+    assert np.array_equal(first.observables["h"], second.observables["h"])
+
+
+def test_result_reloads_with_dimension_names(data, tmp_path):
+    X, y = data
+    res = gf.sweep(X, y, widths=(3,), depths=(1, 2), seeds=(0,), lrs=(0.1,), steps=3,
+                   observables=("kernel_trace", "r"), out=tmp_path, progress=False)
+    back = gf.SweepResult.load(tmp_path)
+    assert np.array_equal(back.loss, res.loss)
+    assert np.array_equal(back.observables["kernel_trace"], res.observables["kernel_trace"],
+                          equal_nan=True)
+    assert back.dims["kernel_trace"] == ("depth", "width", "seed", "lr", "record", "layer")
+    assert back.dims["r"] == ("depth", "width", "seed", "lr", "record", "sample")
+    assert back.dims["first_nonfinite"] == ("depth", "width", "seed", "lr")
+    with pytest.raises(FileNotFoundError, match="result.json"):
+        gf.SweepResult.load(tmp_path / "nothing")
