@@ -1,5 +1,6 @@
 """Shared tolerances, problem builders and independent weight-space references."""
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,13 @@ WIDTHS = {1: (7,), 2: (9, 5), 3: (7, 11, 5), 4: (5, 9, 3, 7)}
 PARAMETRIZATIONS = ("standard", "ntk", "mean_field")
 OUT_DIMS = (None, 2)
 DTYPES = (jnp.float64, jnp.float32)
+
+
+def pid(rtol, atol, *, dtmin=None):
+    """The step-size controller of the former `flow(..., rtol=, atol=, dtmin=)`: a
+    `diffrax.PIDController` forcing its smallest step. `dtmin` is an absolute time (the
+    former relative `dtmin` times `t1`)."""
+    return diffrax.PIDController(rtol=rtol, atol=atol, dtmin=dtmin, force_dtmin=True)
 
 
 def problem(key, depth, *, out_dim=None, parametrization="ntk", dtype=jnp.float64, P=6, d=3):

@@ -74,10 +74,18 @@ def test_tiled_kernel_equals_dense(getkey, block_size, out_dim):
 
 @pytest.mark.parametrize("out_dim", [None, 2])
 def test_block_triangular_kernel_equals_jacobian(getkey, monkeypatch, out_dim):
-    """Large P computes one block triangle of each Gram product; small blocks force it here."""
+    """Large P computes one block triangle of each Gram product; a cost model with small
+    blocks and no width threshold forces it here."""
     import gramflow._kernels as kernels_module
 
-    monkeypatch.setattr(kernels_module, "_TRIANGLE_BLOCK", 4)
-    monkeypatch.setattr(kernels_module, "_use_triangle", lambda P, net: True)
+    calls = []  # spy (not replace) the triangular form, to know it ran
+    real = kernels_module._symmetric_kernel
+    monkeypatch.setattr(kernels_module, "_symmetric_kernel",
+                        lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    cost = gf.CostModel(triangle_block=4, triangle_min_width=0)
     net, X, _ = problem(getkey(), 3, out_dim=out_dim, P=13)
-    assert_rel_close(gf.collective_kernel(net, X), sum(jacobian_kernels(net, X)), jnp.float64)
+    assert_rel_close(gf.collective_kernel(net, X, cost=cost), sum(jacobian_kernels(net, X)),
+                     jnp.float64)
+    assert calls == [1]
+    gf.collective_kernel(net, X)  # the default cost model keeps the full form at this size
+    assert calls == [1]
