@@ -20,10 +20,11 @@ after a warm-up, with `block_until_ready`; compile time separately; peak memory 
 compile-time estimate (arguments + outputs + temporaries). A method is skipped, and says so,
 when its estimated memory or time exceeds the caps.
 
-The limit: FLOPs of the naive formula (forward, backward recursion, two Gram products per
-layer) divided by the time, over the matmul throughput measured in the same run on a
-`jnp.dot` of comparable shape ((P, N) × (N, P)). Doing only one triangle of each symmetric
-Gram product is how gramflow passes 1.0.
+The limit: the FLOPs a method actually does (forward, backward recursion, two Gram products
+per layer — for gramflow only the block-upper triangle of each Gram product when its cost
+model picks that form) divided by the time, over the matmul throughput measured in the same
+run on a `jnp.dot` of comparable shape ((P, N) × (N, P)): the fraction of the machine's
+matmul speed the method runs at.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gramflow as gf
-from gramflow._kernels import _kernel_tile
+from gramflow._kernels import _kernel_tile, _use_triangle
 from gramflow._state import fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,12 +73,26 @@ def _median_time(fn, args, repeats, check=None):
     return statistics.median(times), compile_s, peak
 
 
-def naive_flops(P, widths):
-    """Forward + backward recursion + two Gram products and a Hadamard per layer."""
+def naive_flops(P, widths, gram_fraction=1.0):
+    """Forward + backward recursion + two Gram products and a Hadamard per layer, with only
+    `gram_fraction` of the Gram entries computed."""
     fwd = sum(2 * P * a * b for a, b in zip(widths[:-1], widths[1:]))
     bwd = sum(2 * P * a * b for a, b in zip(widths[1:-1], widths[2:]))
     grams = sum(2 * P * P * (a + b) + 2 * P * P for a, b in zip(widths[:-1], widths[1:]))
-    return fwd + bwd + grams
+    return fwd + bwd + gram_fraction * grams
+
+
+def gramflow_flops(net, P):
+    """The FLOPs `gf.collective_kernel` actually does: the naive count, with the Gram
+    products restricted to the block-upper triangle when the cost model picks that form
+    (`nb (nb + 1) / 2` tiles of `b²` entries, on P padded to `nb · b`)."""
+    cost = gf.CostModel.default()
+    fraction = 1.0
+    if _use_triangle(P, net, cost):
+        b = cost.triangle_block
+        nb = -(-P // b)
+        fraction = nb * (nb + 1) / 2 * b * b / (P * P)
+    return naive_flops(P, (net.in_dim, *net.widths), fraction)
 
 
 def matmul_throughput(P, N, repeats):
@@ -125,7 +140,7 @@ def methods(net):
     fwd = lambda P: 2 * P * sum(a * b for a, b in zip(widths[:-1], widths[1:]))  # noqa: E731
     return {
         "gramflow": (gramflow_kernel, lambda P: 8 * P * P + 16 * P * sum(widths),
-                     lambda P: naive_flops(P, widths) / 2),
+                     lambda P: gramflow_flops(net, P)),
         "gram (naive)": (naive, lambda P: 12 * P * P + 16 * P * sum(widths),
                          lambda P: naive_flops(P, widths)),
         "jacrev J Jᵀ": (jacrev_jjt, lambda P: 8 * P * n_params + 4 * P * P,
@@ -166,7 +181,6 @@ def benchmark(sizes, widths_list, repeats, d=64, only=None, with_nt=True):
             X = X * jnp.sqrt(d) / jnp.linalg.norm(X, axis=1, keepdims=True)
             net = gf.ReLUNet.init(jax.random.key(1), d, (N, N, N), dtype=jnp.float32)
             thr = matmul_throughput(P, N, repeats)
-            fl = naive_flops(P, (d, N, N, N))
             K_ref = None
             for name, (fn, mem, flops) in methods(net).items():
                 if only is not None and name not in only:
@@ -190,7 +204,8 @@ def benchmark(sizes, widths_list, repeats, d=64, only=None, with_nt=True):
                 err = agreement["err"]
                 rows.append(dict(P=P, N=N, method=name, ms=1e3 * t, compile_s=c,
                                  peak_mib=None if peak is None else peak / 2**20, err=err,
-                                 fraction=fl / t / thr if name.startswith("gram") else None))
+                                 fraction=(flops(P) / t / thr if name.startswith("gram")
+                                           else None)))
             nt = run_neural_tangents(net, X, K_ref, repeats) if with_nt else {}
             if nt is None:
                 rows.append(dict(P=P, N=N, method="neural-tangents",

@@ -24,6 +24,8 @@ def pad_network(net: ReLUNet, widths: Sequence[int]) -> ReLUNet:
     `Δ` and `Z` stay zero, so do their gradients) and every trajectory is unchanged; the
     scales keep the true widths (they are array leaves). Masks are zero-padded too; gains and
     skip strengths are kept (a skip path needs the padded layer to stay square)."""
+    if tuple(widths) == net.widths:
+        return net
     weights, fan_in = [], net.in_dim
     for W, n in zip(net.weights, widths):
         weights.append(jnp.zeros((n, fan_in), W.dtype).at[: W.shape[0], : W.shape[1]].set(W))

@@ -57,9 +57,12 @@ class TruncatedTransport(AbstractClosure):
     frozen: ClassVar[bool] = False
 
     def __check_init__(self):
-        if isinstance(self.transport, bool) or not isinstance(self.transport, int) \
-                or self.transport < 0:
-            raise ValueError(f"`transport` must be an int ≥ 0, got {self.transport!r}.")
+        _check_transport(self.transport)
+
+
+def _check_transport(transport):
+    if isinstance(transport, bool) or not isinstance(transport, int) or transport < 0:
+        raise ValueError(f"`transport` must be an int ≥ 0, got {transport!r}.")
 
 
 class FrozenOperators(AbstractClosure):
@@ -68,6 +71,10 @@ class FrozenOperators(AbstractClosure):
 
     transport: int | None = eqx.field(static=True, default=None)
     frozen: ClassVar[bool] = True
+
+    def __check_init__(self):
+        if self.transport is not None:
+            _check_transport(self.transport)
 
 
 # -- engines -----------------------------------------------------------------------------------------
@@ -195,6 +202,13 @@ class Collective(AbstractEngine):
     """
 
     closure: AbstractClosure | None = None
+
+    def __check_init__(self):
+        if self.closure is not None and not isinstance(self.closure, AbstractClosure):
+            raise TypeError(
+                f"`closure` must be None (the exact dynamics) or a closure object — "
+                f"gramflow.TruncatedTransport(n) or gramflow.FrozenOperators() — got "
+                f"{self.closure!r}.")
 
     def build(self, net, X, y, lr, *, continuous):
         P, d = X.shape

@@ -243,7 +243,8 @@ class Layer(eqx.Module):
             if self.mask is None:  # G_{l-1} E_l, never forming G
                 U = (z @ (z.T @ E.reshape(P, -1))).reshape(E.shape)
             else:  # Z (M ⊙ Eᵀ Z)ᵀ per column
-                F = jnp.einsum("pmn,pj->mnj", E, z) * jnp.asarray(self.mask.array, z.dtype)
+                M = jnp.asarray(self.mask.array, z.dtype)
+                F = jnp.einsum("pmn,pj,nj->mnj", E, z, M)
                 U = jnp.einsum("pj,mnj->pmn", z, F)
             term = jnp.einsum("pn,pmn->pm", d, U) if scalar else jnp.einsum("pkn,pmn->pkm", d, U)
             out = out + self.coefficient**2 * term

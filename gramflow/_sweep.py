@@ -258,6 +258,33 @@ def _load_finished(directory, prefix, fingerprint, config, n):
     return pieces
 
 
+def _build_nets(seeds, d, archs, kws, out_dim, parametrization, dtype, pad_to):
+    """The networks of one bucket as NumPy leaves, `(W, S, ...)`: `ReLUNet.init` for every
+    architecture and seed (eagerly: its few operations compile once per shape, and a jitted
+    `vmap` of it compiled slower than it ran), zero-padded to `pad_to` (`pad_network`)."""
+    nets = [pad_network(ReLUNet.init(jax.random.key(s), d, a, out_dim=out_dim,
+                                     parametrization=parametrization, dtype=dtype, **kw), pad_to)
+            for a, kw in zip(archs, kws) for s in seeds]
+    arrays, static = eqx.partition(nets[0], eqx.is_array)
+    leaves = [jax.tree.leaves(eqx.filter(n, eqx.is_array)) for n in nets]
+    stacked = [np.stack([np.asarray(x[i]) for x in leaves]).reshape(
+        (len(archs), len(seeds)) + np.shape(leaves[0][i])) for i in range(len(leaves[0]))]
+    return eqx.combine(jax.tree.unflatten(jax.tree.structure(arrays), stacked), static)
+
+
+def _structure_of(d, arch, out_dim, parametrization, dtype, kw):
+    """The pytree structure of the networks of one architecture (for grouping)."""
+    key = (d, arch, out_dim, parametrization, str(dtype), repr(_describe(kw)))
+    if key not in _STRUCTURES:
+        _STRUCTURES[key] = jax.tree.structure(jax.eval_shape(lambda: ReLUNet.init(
+            jax.random.key(0), d, arch, out_dim=out_dim, parametrization=parametrization,
+            dtype=dtype, **kw)))
+    return _STRUCTURES[key]
+
+
+_STRUCTURES: dict = {}
+
+
 def _progress(total, enabled):
     return progress_bar(total, enabled, desc="sweep chunks", unit="chunk")
 
@@ -354,6 +381,7 @@ def sweep(
         mesh = jax.sharding.Mesh(np.array(devices), ("configs",))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("configs"))
     lrs_arr = jnp.asarray(lr_values, X.dtype)
+    lr_np = lr_values.astype(X.dtype)
     n_sr = len(seeds) * len(lr_values)  # configurations per width
     static = dict(steps=steps, engine=engine, record_every=record_every, observables=obs,
                   top_m=top_m, reference=reference)
@@ -361,27 +389,25 @@ def sweep(
     def fn(nets, lrs):
         return run_pairs_jit(nets, lrs, X, y, **static)
 
-    seed_keys = jnp.stack([jax.random.key(s) for s in seeds])
     plans, struct_desc = [], []
     for i, L in enumerate(depths):
         # Networks of one depth: those with equal static structure and similar widths (a
         # bucket) share a vmap, zero-padded to the bucket's largest widths.
-        nets, groups = [], {}
+        kws, groups = [], {}
         for w, a in enumerate(arch[i]):
             kw = structure_kwargs(structure, d, a)
             struct_desc.append(_describe(kw))
-            net = jax.vmap(lambda key, a=a, kw=kw: ReLUNet.init(
-                key, d, a, out_dim=out_dim, parametrization=parametrization, dtype=X.dtype,
-                **kw))(seed_keys)
-            nets.append(net)
-            groups.setdefault(jax.tree.structure(net), []).append(w)
+            kws.append(kw)
+            groups.setdefault(_structure_of(d, a, out_dim, parametrization, X.dtype, kw),
+                              []).append(w)
         parts = []
         for same in groups.values():
             for members, pad_to in width_buckets([arch[i][w] for w in same], d, max_padding):
                 ws = [same[m] for m in members]
-                group = [jax.vmap(lambda n: pad_network(n, pad_to))(nets[w]) for w in ws]
-                stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *group)  # (W, S, ...)
-                one = jax.tree.map(lambda a: a[:1, 0], stacked)
+                stacked = _build_nets(seeds, d, tuple(arch[i][w] for w in ws),
+                                      tuple(kws[w] for w in ws), out_dim, parametrization,
+                                      X.dtype, pad_to)  # (W, S, ...)
+                one = jax.tree.map(lambda a: np.asarray(a)[:1, 0], stacked)
                 key = (repr(jax.tree.map(lambda a: (a.shape, a.dtype), (one, X, y))),
                        repr(sorted((k, repr(v)) for k, v in static.items())))
                 if key not in _COST:  # measured once per program, like its compilation
@@ -434,8 +460,9 @@ def sweep(
                 index = todo[i, g][start:start + chunk]
                 idx = grid[index]
                 fill = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx), 0)])
-                batch = jax.tree.map(lambda a: a[fill[:, 0], fill[:, 1]], nets)
-                done = _run_chunk(fn, batch, lrs_arr[fill[:, 2]], sharding)
+                # Gathered in NumPy: an eager gather would compile once per leaf shape.
+                batch = jax.tree.map(lambda a: np.asarray(a)[fill[:, 0], fill[:, 1]], nets)
+                done = _run_chunk(fn, batch, lr_np[fill[:, 2]], sharding)
                 done = {key: v[: len(idx)] for key, v in done.items()}
                 if out is not None:
                     meta = dict(

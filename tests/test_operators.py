@@ -208,18 +208,12 @@ def test_bad_closure_options(getkey):
         gf.simulate(net, X, y, steps=2, lr=0.1, engine="collective")
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, pytest.fail.Exception),
-                   reason="library bug: FrozenOperators does not validate `transport` "
-                          "(TruncatedTransport does); -1 and True run, 1.5 fails deep inside")
 def test_bad_frozen_operators_transport():
     for bad in (-1, True, 1.5):
         with pytest.raises(ValueError, match="`transport` must be"):
             gf.FrozenOperators(transport=bad)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, pytest.fail.Exception),
-                   reason="library bug: Collective(closure=...) accepts any object and fails "
-                          "later with AttributeError ('str' object has no attribute 'frozen')")
 def test_collective_refuses_a_closure_that_is_not_one():
     for bad in ("frozen", 0, gf.Weights()):
         with pytest.raises(TypeError, match="closure"):

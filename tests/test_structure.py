@@ -122,16 +122,7 @@ def test_kernels_and_gradients_match_autodiff(getkey, name, depth, out_dim):
     # K r without K: see test_kernel_matvec_of_structured_networks (same cases).
 
 
-_MATVEC_BUG = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="library bug: Layer.matmat (gramflow/_layer.py:246) multiplies (m, N_l, N_l-1) by "
-           "the (N_l, N_l-1) mask with implicit rank promotion, refused under "
-           "jax_numpy_rank_promotion='raise' (conftest); correct with 'allow'")
-
-
-@pytest.mark.parametrize("name,depth,out_dim", [
-    pytest.param(*c, marks=_MATVEC_BUG) if c[0] in ("block", "banded", "random", "all") else c
-    for c in CASES])
+@pytest.mark.parametrize("name,depth,out_dim", CASES)
 def test_kernel_matvec_of_structured_networks(getkey, name, depth, out_dim):
     net, X, y = build(getkey(), depth, name, out_dim)
     params, rest = eqx.partition(net, _spec(net))

@@ -82,14 +82,7 @@ def test_report_ok_rtol_and_table(getkey):
         assert name in text
 
 
-_NAN_BUG = pytest.mark.xfail(
-    strict=True, reason="library bug: VerificationReport.max_error (gramflow/_verify.py:137) "
-    "takes Python max() over floats, which drops a NaN that is not the first value, so ok() "
-    "passes a report whose kernel / residual_velocity error is NaN")
-
-
-@pytest.mark.parametrize("field", ["H", pytest.param("kernel", marks=_NAN_BUG),
-                                   pytest.param("residual_velocity", marks=_NAN_BUG)])
+@pytest.mark.parametrize("field", ["H", "kernel", "residual_velocity"])
 def test_report_nan_error_fails(getkey, field):
     """`ok` documents that NaN errors fail, wherever the NaN sits in the report."""
     net, X, y = problem(getkey(), 2)
