@@ -38,7 +38,7 @@ def pad_network(net: ReLUNet, widths: Sequence[int]) -> ReLUNet:
                    gains=net.gains, skips=net.skips, train=net.train)
 
 
-def width_buckets(archs: Sequence[tuple[int, ...]], in_dim: int, max_padding: float = 0.25):
+def width_buckets(archs: Sequence[tuple[int, ...]], in_dim: int, max_padding: float = 1.0):
     """Group architectures of one depth so that, padded to the widths of its largest member,
     each group wastes at most `max_padding` of its work: `Σ padded cost ≤ (1 + max_padding)
     Σ true cost`, with cost `Σ_l N_l (N_{l-1} + 1)` per network (weights and units).

@@ -308,7 +308,7 @@ def sweep(
     top_m: int = 5,
     reference: AbstractEngine | None = None,
     structure: dict | Callable[[int, tuple[int, ...]], dict] | None = None,
-    max_padding: float = 0.25,
+    max_padding: float = 1.0,
     progress: bool = True,
 ) -> SweepResult:
     """Gradient descent (`simulate`) over the grid depths × widths × seeds × lrs.
@@ -316,7 +316,9 @@ def sweep(
     A driver around one pure core (`run_pairs`, compiled once per static configuration and
     kept, so an identical second call reuses it): seeds and learning rates run through
     `jax.vmap`; widths too, by exact zero-padding (`pad_network`) within buckets of similar
-    widths (`width_buckets`: padding wastes at most `max_padding` of a bucket's work), with
+    widths (`width_buckets`: padding adds at most `max_padding` to a bucket's work — the
+    default 1.0 at most doubles it, a fair trade while compiling a program costs more than
+    running it; lower it for long runs of very different widths), with
     the scales from the true widths as traced leaves. The configurations of a depth are split into
     chunks that fit `max_bytes` (default: half the accelerator's memory, or a quarter of the
     host's RAM on CPU), run one compiled call per chunk with a progress bar, and, with more
