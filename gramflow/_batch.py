@@ -66,7 +66,23 @@ def width_buckets(archs: Sequence[tuple[int, ...]], in_dim: int, max_padding: fl
 
 
 def stack(trees: Sequence):
-    """Stack pytrees of one structure (networks, engines) along a new leading axis."""
+    """Stack pytrees of one structure (networks, engines) along a new leading axis; their
+    non-array parts (architecture, masks, an optimizer's integer and boolean settings) must
+    be equal."""
+    trees = list(trees)
+    if not trees:
+        raise ValueError("nothing to stack: give at least one network or engine.")
+    first = jax.tree.structure(trees[0])
+    for i, t in enumerate(trees[1:], 1):
+        if jax.tree.structure(t) != first:
+            raise ValueError(
+                f"entry {i} differs from entry 0 in its static part (architecture, structure, "
+                "or a non-float setting such as an optimizer's schedule length or a closure's "
+                "transport): only array values may differ between entries of one batch; run "
+                "the others in a separate call.")
+    if not jax.tree.leaves(eqx.filter(trees[0], eqx.is_array)):
+        raise ValueError("these entries hold no array values, so there is nothing to batch "
+                         "over: pass a single engine instead of a list.")
     return eqx.combine(
         jax.tree.map(lambda *xs: jnp.stack(xs), *[eqx.filter(t, eqx.is_array) for t in trees]),
         eqx.filter(trees[0], eqx.is_array, inverse=True),

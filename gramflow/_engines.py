@@ -23,6 +23,7 @@ from jaxtyping import Array, Float, PyTree
 
 from ._algebra import apply_mask, flat_kernel, residual_weighted
 from ._kernels import collective_kernel
+from ._layer import generators
 from ._network import (
     ReLUNet,
     forward,
@@ -34,7 +35,7 @@ from ._network import (
 from ._observables import View
 from ._optimizer import as_pytree
 from ._state import fields, masks, output_field, pullback
-from ._velocities import pullback_transport, rates
+from ._velocities import check_transport, pullback_transport, rates
 
 # -- closures --------------------------------------------------------------------------------------
 
@@ -57,12 +58,10 @@ class TruncatedTransport(AbstractClosure):
     frozen: ClassVar[bool] = False
 
     def __check_init__(self):
-        _check_transport(self.transport)
-
-
-def _check_transport(transport):
-    if isinstance(transport, bool) or not isinstance(transport, int) or transport < 0:
-        raise ValueError(f"`transport` must be an int ≥ 0, got {transport!r}.")
+        if self.transport is None:
+            raise ValueError("`transport` must be an int ≥ 0 (how many layers of transport "
+                             "to keep), got None; for the exact dynamics use closure=None.")
+        check_transport(self.transport)
 
 
 class FrozenOperators(AbstractClosure):
@@ -74,7 +73,7 @@ class FrozenOperators(AbstractClosure):
 
     def __check_init__(self):
         if self.transport is not None:
-            _check_transport(self.transport)
+            check_transport(self.transport)
 
 
 # -- engines -----------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ class _WeightsRun(eqx.Module):
         H, Z, D, _, Delta, f = fields(net, self.X)
         layers = net.layers
         return View(r=f - self.y, H=H, Z=Z, D=D, Delta=Delta, layers=layers,
-                    weights=(None, *(layer.effective() for layer in layers[1:])), net=net)
+                    weights=generators(layers), net=net)
 
     def final(self, st: WeightsState) -> ReLUNet:
         return with_parameters(self.net, st.params)
@@ -179,8 +178,9 @@ class FieldState(eqx.Module):
       effective weights `W̃_l` and so of the Gram operators (I4, I5). Layer 1 carries no
       weight matrix: `W_1` never enters the field dynamics (I3).
     - `coefficient`: `A` of shape `(N_1, P)` with `W_1(t) = W_1(0) + M_1 ⊙ (A X)` (the
-      weights are a memory of fields, I8), or `None` when `W_1` is not trained. Only
-      `final` reads it.
+      weights are a memory of fields, I8), or `None` when `W_1` is not trained. The field
+      dynamics read it only when layer 1 also trains a gain (whose gradient needs `W_1`);
+      otherwise only `final` does.
     """
 
     H: tuple[Float[Array, "P N"], ...]
@@ -194,8 +194,9 @@ class Collective(AbstractEngine):
     """Fields evolved by the collective formulas, every layer through its `Layer` methods:
     the exact discrete maps (I8) for `simulate` (equal to gradient descent for any η), the
     hierarchies (I2), (I4), (I5) applied matrix-free (I6) for `flow`. For one dense hidden
-    layer the carried state is `H_1` and `r` alone (I3), with `C = X Xᵀ` applied as
-    `X (Xᵀ ·)` when `d < P/2`.
+    layer the dynamics are `H_1` and `r` alone (I3), with `C = X Xᵀ` applied as
+    `X (Xᵀ ·)` when `d < P/2`; the state also carries the `(N_1, P)` coefficient `A` that
+    remembers `W_1` for `final`, which the dynamics never read.
 
     **Arguments:** `closure`: `None` (the exact dynamics), or a closure that keeps part of it
     — `TruncatedTransport(n)`, `FrozenOperators()`.
@@ -216,7 +217,7 @@ class Collective(AbstractEngine):
         op0 = None
         if self.closure is not None and self.closure.frozen:
             H0 = forward(net, X)[0]
-            op0 = ((None, *(layer.effective() for layer in net.layers[1:])), masks(H0))
+            op0 = (generators(net.layers), masks(H0))
         transport = None if self.closure is None else self.closure.transport
         return _CollectiveRun(net, X, y, C, op0, transport, self.closure is not None, continuous)
 
@@ -266,7 +267,7 @@ class _CollectiveRun(eqx.Module):
     def _generators(self, layers):
         if self.op0 is not None:
             return self.op0
-        return (None, *(layer.effective() for layer in layers[1:])), None
+        return generators(layers), None
 
     # -- the engine protocol -------------------------------------------------------------------
 
@@ -292,7 +293,7 @@ class _CollectiveRun(eqx.Module):
         if st.B or self.closure:
             Delta = tuple(apply_mask(d, b) for d, b in zip(D, (*st.B, top)))
         else:
-            W = (None, *(layer.effective() for layer in layers[1:]))
+            W = generators(layers)
             Delta = pullback(W, D, top)[1]
         r = _residual(self.net, self.y, st.H[-1]) if st.r is None else st.r
         return View(r=r, H=st.H, Z=Z, D=D, Delta=Delta, layers=layers, weights=W_op,
@@ -329,7 +330,7 @@ class _CollectiveRun(eqx.Module):
         new = tuple(jax.tree.map(lambda p, d: p + lr * d, p, d)
                     for p, d in zip(st.weights, dtheta))
         layers = tuple(layer.replace(p) for layer, p in zip(v.layers, new))
-        W = (None, *(layer.effective() for layer in layers[1:]))
+        W = generators(layers)
         for l in range(1, len(st.H)):
             H.append(jax.nn.relu(H[-1]) @ W[l].T)
         B, _ = pullback(W, masks(H), output_field(self.net, self.X.shape[0]))

@@ -41,6 +41,12 @@ from ._mask import Mask
 TRAINABLE = ("weights", "gains", "skips")
 
 
+def generators(layers) -> tuple:
+    """`(None, W̃_2, ..., W̃_L)`: the effective weights that generate the Gram operators of
+    (I4)/(I5) (`W̃_1` never enters them)."""
+    return (None, *(layer.effective() for layer in layers[1:]))
+
+
 class LayerParams(eqx.Module):
     """Values (or gradients, or changes) of a layer's trained parameters; `None` for what the
     layer does not train. `weight` `(N_l, N_{l-1})`, `gain` and `skip` scalars."""
@@ -67,6 +73,13 @@ class Layer(eqx.Module):
     mask: Mask | None = eqx.field(static=True, default=None)
     train: tuple[str, ...] = eqx.field(static=True, default=("weights",))
     shape: tuple[int, int] = eqx.field(static=True, default=(0, 0))
+
+    def __check_init__(self):
+        if self.weight is not None and tuple(self.weight.shape[-2:]) != tuple(self.shape):
+            raise ValueError(f"`shape` must be the weight's shape {tuple(self.weight.shape[-2:])}, "
+                             f"got {self.shape}; pass shape=W.shape.")
+        if min(self.shape) < 1:
+            raise ValueError(f"`shape` (N_l, N_(l-1)) must be positive, got {self.shape}.")
 
     @property
     def coefficient(self) -> Float[Array, ""]:
@@ -261,7 +274,7 @@ class Layer(eqx.Module):
     def forward_operator(self, z: Float[Array, "P n_in"]) -> Float[Array, "P P n_out n_out"]:
         """`κ_l[μ,ν] = J_θ(μ) J_θ(ν)ᵀ` `(P, P, N_l, N_l)`, with `J_θ(μ) = ∂h_{l,μ}/∂θ_l`: the
         local operator of (I4), `V_{l,μ} = −Σ_ν κ_l[μ,ν] E_{l,ν}`. For a dense layer
-        `s_l² G_{l-1}[μ,ν] I`; a mask makes it diagonal `(gs)² Σ_j M_aj z_μj z_νj`, a gain adds
+        `(g_l s_l)² G_{l-1}[μ,ν] I` (`s_l² G_{l-1}[μ,ν] I` without a gain); a mask makes it diagonal `(gs)² Σ_j M_aj z_μj z_νj`, a gain adds
         `u_μ u_νᵀ` (`u = s (W ⊙ M) z`), a skip `z_μ z_νᵀ`."""
         P, n = z.shape[0], self.shape[0]
         op = jnp.zeros((P, P, n, n), z.dtype)
@@ -280,7 +293,7 @@ class Layer(eqx.Module):
         """`λ_l[ν,μ]_{ab} = Σ_θ (E_ν · ∂_θW̃_{:,a}) (Δ_μ · ∂_θW̃_{:,b})`, shape
         `(P, P, N_{l-1}, N_{l-1})` (`(k, P, P, N_{l-1}, N_{l-1})` for vector outputs): the local
         operator of (I5), `U_{l-1,μ} = −Σ_ν z_{l-1,ν}ᵀ λ_l[ν,μ]`. For a dense layer
-        `s_l² (E_ν · Δ_μ) I`."""
+        `(g_l s_l)² (E_ν · Δ_μ) I`."""
         n = self.shape[1]
         D = Delta if Delta.ndim == 3 else Delta[:, None]
         M = jnp.ones(self.shape, E.dtype) if self.mask is None else jnp.asarray(

@@ -269,6 +269,8 @@ _SHAPES = {"loss": "()", "r": "(P,) or (P, k)", "kernel_trace": "(L,)", "kernel_
 #: `m` = `top_m`); the names are what the command line and `observables=` strings accept.
 OBSERVABLES = {cls.name: (_SHAPES[cls.name], cls.__doc__.split("\n")[0]) for cls in _BUILTIN}
 DEFAULT_OBSERVABLES = ("loss", "r", "kernel_trace", "kernel_share", "active_fraction")
+#: names gramflow records itself beside the observables
+RESERVED = frozenset({"step", "first_nonfinite", "closure_error", "field_error"})
 FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
 
 
@@ -309,6 +311,14 @@ def resolve(observables, *, fields: bool, top_m: int) -> dict[str, AbstractObser
             obs = Function(obs)
         name = key if key is not None else (
             getattr(obs.fn, "__name__", "observable") if isinstance(obs, Function) else obs.name)
+        if name == "loss" and isinstance(obs, Loss):
+            continue  # always recorded
+        if name in out or name in RESERVED or (name == "r" and not isinstance(obs, Residual)):
+            where = "twice in `observables`" if name in out else "by gramflow"
+            raise ValueError(
+                f"observable name {name!r} is taken ({where}); give each observable its own "
+                f"name, e.g. `observables={{'my_name': fn}}` (gramflow's own: loss, r, "
+                f"{', '.join(sorted(RESERVED))}).")
         if not fields and obs.needs_fields:
             raise ValueError(
                 f"this engine (FrozenKernel) carries only the residual r, so it cannot record "
@@ -325,7 +335,19 @@ def references(view: View, y, observables: dict) -> dict:
 
 def observe(view: View, refs: dict, observables: dict) -> dict[str, Array]:
     """Evaluate every observable on one view (identical kernel products are shared by XLA)."""
-    return {name: obs(view, refs[name]) for name, obs in observables.items()}
+    out = {}
+    for name, obs in observables.items():
+        value = obs(view, refs[name])
+        try:
+            value = jnp.asarray(value)
+        except TypeError as err:
+            raise TypeError(f"observable {name!r} returned {type(value).__name__}; an "
+                            "observable must return a numeric array (or scalar).") from err
+        if not (jnp.issubdtype(value.dtype, jnp.number) or value.dtype == jnp.bool_):
+            raise TypeError(f"observable {name!r} returned dtype {value.dtype}; an observable "
+                            "must return a numeric array (or scalar).")
+        out[name] = value
+    return out
 
 
 #: axes of the records a `reference=` engine adds
@@ -347,12 +369,3 @@ def closure_errors(view: View, ref_view: View) -> dict[str, Array]:
     if view.H is not None and ref_view.H is not None:
         out["field_error"] = jnp.stack([_rel_drift(h, h0) for h, h0 in zip(view.H, ref_view.H)])
     return out
-
-
-def names_of(observables: dict) -> tuple[str, ...]:
-    return tuple(observables)
-
-
-def validate(observables, *, fields: bool, top_m: int) -> tuple[str, ...]:
-    """The names `resolve` gives `observables` (after checking them)."""
-    return tuple(resolve(observables, fields=fields, top_m=top_m))

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float
 from ._algebra import residual_weighted
 from ._network import ReLUNet, check_inputs
 from ._state import effective_weights, fields
-from ._velocities import Velocities, _check_transport, residual_rate
+from ._velocities import Velocities, check_transport, residual_rate
 
 DEFAULT_MAX_BYTES = 2**30
 
@@ -198,7 +198,7 @@ def hierarchy_velocities(
     with `l − k > n` (resp. `k − l > n`), the truncation of `TruncatedTransport(n)`.
     """
     X, y = check_inputs(net, X, y)
-    n_max = _check_transport(transport)
+    n_max = check_transport(transport)
     P, L = X.shape[0], net.depth
     _check_size(net, P, [(k, l) for _, k, l in operator_pairs(L)] + [(l, l) for l in
                 range(1, L + 1)], "hierarchy_velocities", max_bytes)

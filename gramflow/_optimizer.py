@@ -79,6 +79,8 @@ def _hashable(x) -> bool:
 
 
 def _to_tree(x, trace_floats: bool):
+    if isinstance(x, (_Function, _Static)):  # converted already
+        return x
     if isinstance(x, types.FunctionType):
         cells = []
         for c in x.__closure__ or ():
@@ -97,8 +99,10 @@ def _to_tree(x, trace_floats: bool):
         return type(x)(*(_to_tree(v, trace_floats) for v in x))
     if type(x) in (tuple, list):
         return type(x)(_to_tree(v, trace_floats) for v in x)
-    if isinstance(x, jax.Array) or x is None or isinstance(x, (bool, int, str, float)):
+    if isinstance(x, jax.Array) or x is None:
         return x
+    if isinstance(x, (bool, int, str, float)):  # settings: static, part of the structure
+        return _Static(x)
     return _Static(x if _hashable(x) else _ById(x))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import diffrax
 import equinox as eqx
@@ -74,6 +73,9 @@ def _check_engine(name, engine, *, optional=False):
             "gramflow.Collective(closure=gramflow.TruncatedTransport(n)) or "
             "gramflow.FrozenOperators()) or gramflow.FrozenKernel()."
         )
+    if isinstance(engine, type) and issubclass(engine, AbstractEngine):
+        raise TypeError(f"`{name}` takes an engine object: write {engine.__name__}(), not "
+                        f"{engine.__name__}.")
     if not isinstance(engine, AbstractEngine):
         raise TypeError(f"`{name}` must be a gramflow engine (Weights, Collective, "
                         f"FrozenKernel), got {type(engine).__name__}.")
@@ -83,6 +85,11 @@ def _check_engine(name, engine, *, optional=False):
 def _resolve_lr(engine, reference_engine, lr, dtype):
     """`lr` is the step of plain gradient descent: required unless the engine is `Weights`
     with its own optimizer, and an error beside one."""
+    if reference_engine is not None and not reference_engine.needs_lr() and engine.needs_lr():
+        raise ValueError(
+            "the `reference` has its own optimizer while the engine runs plain gradient descent "
+            "with `lr`: the closure error would compare two different algorithms. Use "
+            "reference=gf.Weights() (plain gradient descent with the same lr).")
     if not engine.needs_lr():
         if lr is not None:
             raise ValueError(
@@ -121,6 +128,22 @@ def _check_operator_size(net, P, obs):
         )
 
 
+def _check_state(state, expected):
+    """`state` must have the layout of the engine's own (a `Trajectory.state` of the same
+    engine, network and data), or the scan would fail with an unreadable error."""
+    def layout(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+
+    if layout(state) != layout(expected):
+        raise ValueError(
+            "`state` does not fit this run: pass the `state` of a Trajectory of the same "
+            "engine, network (widths, structure, dtype) and data, e.g. "
+            "`simulate(net, X, y, ..., state=previous.state)` with the same net, X, y and engine."
+        )
+    return state
+
+
 def _build(net, X, y, engine, reference_engine, lr, continuous):
     run = engine.build(net, X, y, lr, continuous=continuous)
     if reference_engine is None:
@@ -134,7 +157,7 @@ def _simulate(net, X, y, lr, steps, record_every, engine, reference_engine, obs,
     run = _build(net, X, y, engine, reference_engine, lr, False)
     state0 = run.init()
     refs = references(run.view(state0), y, obs)  # drifts: against t = 0 of net
-    state = state0 if state is None else state
+    state = state0 if state is None else _check_state(state, state0)
     record = lambda s: _record(run, s, obs, refs)  # noqa: E731
 
     def advance(state, n):
@@ -173,7 +196,7 @@ def simulate(
     lr: float | Array | None = None,
     engine: AbstractEngine = Weights(),
     record_every: int = 1,
-    observables: Sequence[str] | None = None,
+    observables=None,
     top_m: int = 5,
     reference: AbstractEngine | None = None,
     state: PyTree = None,
@@ -209,9 +232,12 @@ def simulate(
     - `top_m`: number of eigenvalues for `"kernel_eigs"` / `"layer_kernel_eigs"`.
     - `reference`: another engine run in the same scan; records `closure_error`
       (`‖r − r_ref‖ / ‖r_ref‖`) and per-layer `field_error`.
-    - `state`: the `state` of an earlier `Trajectory` of the same engine, network and data,
-      to continue that run (bit for bit as if it had not stopped); drift observables stay
-      relative to `net` at t = 0.
+    - `state`: the `state` of an earlier `simulate` `Trajectory` of the same engine and data,
+      started from this same `net` (pass the network the first run started from, not its
+      `final`: the collective engine rebuilds `W_1` from `net` and its field memory), to
+      continue that run bit for bit as if it had not stopped; drift observables stay
+      relative to `net`, and `step` counts from the resume. A `flow` state does not resume
+      `simulate`.
 
     **Returns:** a `Trajectory`. If the loss stops being finite, `first_nonfinite` says when
     and, when called eagerly, a `RuntimeWarning` suggests a smaller `lr`.
@@ -313,7 +339,7 @@ def flow(
     solver: diffrax.AbstractSolver | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     max_steps: int = 100_000,
-    observables: Sequence[str] | None = None,
+    observables=None,
     top_m: int = 5,
     reference: AbstractEngine | None = None,
 ) -> Trajectory:

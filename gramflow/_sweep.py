@@ -301,7 +301,7 @@ def sweep(
     engine: AbstractEngine = Weights(),
     parametrization: str = "ntk",
     out_dim: int | None = None,
-    observables: Sequence[str] | None = None,
+    observables=None,
     out: str | os.PathLike | None = None,
     max_bytes: int | None = None,
     record_every: int = 1,

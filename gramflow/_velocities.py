@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._algebra import apply_mask, residual_weighted
+from ._layer import generators
 from ._network import ReLUNet, check_inputs
 from ._state import effective_weights, fields
 
@@ -97,7 +98,7 @@ def rates(layers, Z, D, Delta, r, *, transport: int | None = None, operators=Non
     E = tuple(residual_weighted(r, d) for d in Delta)
     V, U = local_forward(layers, Z, E), local_backward(layers, Z, Delta, E)
     if operators is None:
-        operators = ((None, *(layer.effective() for layer in layers[1:])), D)
+        operators = (generators(layers), D)
     W_op, D_op = operators
     dH = pushforward(W_op, D_op, V, transport=transport)
     dB = pullback_transport(W_op, D_op, U, jnp.zeros_like(Delta[-1]), transport=transport)
@@ -122,16 +123,18 @@ def velocities(
     **Returns:** `Velocities` with `r` `(P, *k)`, `H` `(P, N_l)` and `B` `(P, *k, N_l)`.
     """
     X, y = check_inputs(net, X, y)
-    transport = _check_transport(transport)
+    transport = check_transport(transport)
     _, Z, D, _, Delta, f = fields(net, X)
     dr, dH, dB, _ = rates(net.layers, Z, D, Delta, f - y, transport=transport,
                           operators=(effective_weights(net), D))
     return Velocities(r=dr, H=dH, B=dB)
 
 
-def _check_transport(transport):
+def check_transport(transport):
+    """`transport` is `None` or an int ≥ 0 (a clear `ValueError` otherwise)."""
     if transport is None:
         return None
     if isinstance(transport, bool) or not isinstance(transport, int) or transport < 0:
-        raise ValueError(f"`transport` must be None or an int ≥ 0, got {transport!r}.")
+        raise ValueError(f"`transport` must be an int ≥ 0 (or None: all transport), got "
+                         f"{transport!r}.")
     return transport

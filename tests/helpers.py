@@ -48,7 +48,7 @@ def plain_f(weights, readout, scales, X, probes_h=None, probes_z=None):
         if probes_h is not None:
             h = h + probes_h[l]
         hs.append(h)
-        z = jnp.where(h > 0, h, 0.0)  # relu with relu'(0) = 0, as DESIGN.md fixes
+        z = jnp.where(h > 0, h, 0.0)  # relu with relu'(0) = 0, as the identities fix it
         if probes_z is not None:
             z = z + probes_z[l]
     return scales[-1] * jnp.einsum("pn,n...->p...", z, readout), hs

@@ -110,3 +110,18 @@ def test_result_reloads_with_dimension_names(data, tmp_path):
     assert back.dims["first_nonfinite"] == ("depth", "width", "seed", "lr")
     with pytest.raises(FileNotFoundError, match="result.json"):
         gf.SweepResult.load(tmp_path / "nothing")
+
+
+def test_a_batch_shares_its_static_part(data):
+    X, y = data
+    nets = nets_of((5,))
+
+    def scheduled(n):  # the schedule's length is an int: static, part of the structure
+        return gf.Weights(optax.sgd(optax.exponential_decay(0.2, n, 0.1, staircase=True)))
+
+    with pytest.raises(ValueError, match="static part"):
+        core_sweep(nets, X, y, steps=3, engine=[scheduled(1), scheduled(100)])
+    with pytest.raises(ValueError, match="single engine"):
+        core_sweep(nets, X, y, steps=3, lrs=jnp.array([0.1]), engine=[gf.Weights(), gf.Weights()])
+    both = core_sweep(nets, X, y, steps=3, engine=[scheduled(1), scheduled(1)])
+    assert np.array_equal(both.loss[:, 0], both.loss[:, 1])

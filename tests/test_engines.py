@@ -226,3 +226,35 @@ def test_lr_with_optimizer_is_an_error(getkey):
 def test_flow_defaults_follow_the_dtype():
     c64, c32 = gf.default_controller(jnp.float64), gf.default_controller(jnp.float32)
     assert c32.rtol > 100 * c64.rtol and c32.atol > 100 * c64.atol
+
+
+def test_state_of_another_run_is_refused(getkey):
+    net, X, y = build(getkey(), 2, {})
+    other = gf.simulate(net, X, y, steps=2, lr=0.1, engine=gf.Collective())
+    with pytest.raises(ValueError, match="`state` does not fit"):
+        gf.simulate(net, X, y, steps=2, lr=0.1, state=other.state)
+
+
+def test_an_engine_can_be_rebuilt_from_its_own_optimizer(getkey):
+    net, X, y = build(getkey(), 1, {})
+    first = gf.Weights(optax.adam(1e-2))
+    again = gf.Weights(first.optimizer)  # already a pytree: kept as it is
+    a = gf.simulate(net, X, y, steps=3, engine=first)
+    b = gf.simulate(net, X, y, steps=3, engine=again)
+    assert np.array_equal(a.loss, b.loss)
+
+
+def test_observables_are_checked(getkey):
+    net, X, y = build(getkey(), 1, {})
+    run = lambda **kw: gf.simulate(net, X, y, steps=2, lr=0.1, **kw)  # noqa: E731
+    for taken in ({"loss": lambda v: 7.0}, {"step": lambda v: 1.0},
+                  [lambda v: 1.0, lambda v: 2.0]):  # two "<lambda>"
+        with pytest.raises(ValueError, match="taken"):
+            run(observables=taken)
+    with pytest.raises(TypeError, match="numeric"):
+        run(observables={"bad": lambda v: "text"})
+    with pytest.raises(TypeError, match=r"Collective\(\)"):
+        run(engine=gf.Collective)
+    with pytest.raises(ValueError, match="own optimizer"):
+        run(engine=gf.Collective(), reference=gf.Weights(optax.adam(1e-2)))
+    assert float(run(observables={"h": lambda v: jnp.sum(v.H[0])}).loss[0]) > 0
