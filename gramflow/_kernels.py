@@ -57,11 +57,6 @@ def layer_kernels(
     `dr_{μi}/dt = −η Σ_{νj} K[μ,ν,i,j] r_{νj}`.
     """
     X, _ = check_inputs(net, X)
-    return _layer_kernels(net, X, cost)
-
-
-@eqx.filter_jit
-def _layer_kernels(net, X, cost) -> LayerKernels:
     _, Z, _, _, Delta, _ = fields(net, X)
     G = tuple(gram(z) for z in Z[:-1])
     Q = tuple(coactivation(d) for d in Delta)

@@ -190,15 +190,6 @@ def verify(
             f"{P}·{k}·{n_params}), above the {_JACOBIAN_BYTES_LIMIT / 2**30:.0f} GiB limit; "
             "pass a subset of the samples, e.g. `verify(net, X[:64], y[:64])`."
         )
-    return _verify(net, X, y)
-
-
-@eqx.filter_jit
-def _verify(net, X, y) -> VerificationReport:
-    """The checks of `verify`, compiled as one program (eagerly, each of their many small
-    operations would compile on its own)."""
-    P, k = X.shape[0], net.out_dim or 1
-    params, rest = eqx.partition(net, trainable(net))
     state = collective_state(net, X, y)
     grads = parameter_gradients(net, X, y)
     weight_grads = pullback_gradients(net, X, y)

@@ -34,15 +34,6 @@ def _scaled(fn, factor):
     return wrong
 
 
-@pytest.fixture
-def fresh_jit():
-    """`verify` compiles its checks once and keeps the program: a test that swaps an
-    implementation must have it traced anew, and must not leave that program behind."""
-    jax.clear_caches()
-    yield
-    jax.clear_caches()
-
-
 @pytest.mark.parametrize(
     "target,field",
     [
@@ -52,7 +43,7 @@ def fresh_jit():
         ("collective_state", "Delta"),
     ],
 )
-def test_verify_catches_wrong_implementation(getkey, monkeypatch, fresh_jit, target, field):
+def test_verify_catches_wrong_implementation(getkey, monkeypatch, target, field):
     net, X, y = problem(getkey(), 2)
     factor = 1 + 1e-8  # a tiny error is still far above the float64 tolerance
     monkeypatch.setattr(verify_module, target, _scaled(getattr(verify_module, target), factor))
@@ -63,7 +54,7 @@ def test_verify_catches_wrong_implementation(getkey, monkeypatch, fresh_jit, tar
     assert "FAILED" in str(report)
 
 
-def test_verify_catches_wrong_layer_kernel(getkey, monkeypatch, fresh_jit):
+def test_verify_catches_wrong_layer_kernel(getkey, monkeypatch):
     net, X, y = problem(getkey(), 3)
     real = verify_module.layer_kernels
 
