@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import gramflow as gf
-from gramflow._kernels import _kernel_tile, _use_triangle
-from gramflow._state import fields
+from gramflow.fields.kernels import _kernel_tile, _use_triangle
+from gramflow.fields.state import fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NT_PYTHON = os.path.join(HERE, ".nt-venv", "bin", "python")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import gramflow as gf
-from gramflow._network import structure_kwargs, trainable
+from gramflow.model.network import structure_kwargs, trainable
 from gramflow.diagnostics import default_structures
 
 SHOWN = ("lr", "condition", "steps_to_target", "final_ratio", "nonmonotone", "roughness",

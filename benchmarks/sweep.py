@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gramflow as gf
-from gramflow._batch import pad_network, run_pairs_jit, stack
+from gramflow.dynamics.batch import pad_network, run_pairs_jit, stack
 
 
 def _timed(fn):

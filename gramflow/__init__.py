@@ -1,83 +1,176 @@
 """gramflow: gradient descent on fixed-readout ReLU networks as a collective dynamics of fields."""
 
 from . import diagnostics as diagnostics
-from ._batch import (
+from ._cost import CostModel as CostModel
+from ._mask import Mask as Mask
+from ._version import __version__ as __version__
+from .dynamics.batch import (
     core_sweep as core_sweep,
+)
+from .dynamics.batch import (
     pad_network as pad_network,
+)
+from .dynamics.batch import (
     stack as stack,
+)
+from .dynamics.batch import (
     width_buckets as width_buckets,
 )
-from ._closure import CLOSURES as CLOSURES, ClosureStudy as ClosureStudy
-from ._closure import closure_engine as closure_engine, closure_study as closure_study
-from ._cost import CostModel as CostModel
-from ._data import teacher_student as teacher_student
-from ._demo import load_digits as load_digits
-from ._discrete import StepRemainder as StepRemainder, step_remainder as step_remainder
-from ._engines import (
+from .dynamics.discrete import StepRemainder as StepRemainder
+from .dynamics.discrete import step_remainder as step_remainder
+from .dynamics.engines import (
     AbstractClosure as AbstractClosure,
+)
+from .dynamics.engines import (
     AbstractEngine as AbstractEngine,
+)
+from .dynamics.engines import (
     Collective as Collective,
+)
+from .dynamics.engines import (
     FieldState as FieldState,
+)
+from .dynamics.engines import (
     FrozenKernel as FrozenKernel,
+)
+from .dynamics.engines import (
     FrozenOperators as FrozenOperators,
+)
+from .dynamics.engines import (
     TruncatedTransport as TruncatedTransport,
+)
+from .dynamics.engines import (
     Weights as Weights,
+)
+from .dynamics.engines import (
     WeightsState as WeightsState,
 )
-from ._kernels import (
-    LayerKernels as LayerKernels,
-    collective_kernel as collective_kernel,
-    layer_kernels as layer_kernels,
-)
-from ._layer import Layer as Layer, LayerParams as LayerParams
-from ._mask import Mask as Mask
-from ._matvec import (
-    KernelEigs as KernelEigs,
-    kernel_eigs as kernel_eigs,
-    kernel_matvec as kernel_matvec,
-)
-from ._network import ReLUNet as ReLUNet
-from ._observables import (
+from .dynamics.observables import (
     OBSERVABLES as OBSERVABLES,
+)
+from .dynamics.observables import (
     AbstractObservable as AbstractObservable,
+)
+from .dynamics.observables import (
     ActiveFraction as ActiveFraction,
+)
+from .dynamics.observables import (
     Alignment as Alignment,
+)
+from .dynamics.observables import (
     BalanceDrift as BalanceDrift,
+)
+from .dynamics.observables import (
     CoactivationDrift as CoactivationDrift,
+)
+from .dynamics.observables import (
     ConditionNumber as ConditionNumber,
+)
+from .dynamics.observables import (
     Kernel as Kernel,
+)
+from .dynamics.observables import (
     KernelDrift as KernelDrift,
+)
+from .dynamics.observables import (
     KernelEigenvalues as KernelEigenvalues,
+)
+from .dynamics.observables import (
     KernelShare as KernelShare,
+)
+from .dynamics.observables import (
     KernelTrace as KernelTrace,
+)
+from .dynamics.observables import (
     LayerKernelEigenvalues as LayerKernelEigenvalues,
+)
+from .dynamics.observables import (
     Loss as Loss,
+)
+from .dynamics.observables import (
     OperatorDrift as OperatorDrift,
+)
+from .dynamics.observables import (
     Residual as Residual,
+)
+from .dynamics.observables import (
     View as View,
 )
-from ._operators import (
-    OperatorSummary as OperatorSummary,
-    block_operator as block_operator,
-    hierarchy_velocities as hierarchy_velocities,
-    operator_pairs as operator_pairs,
-    operator_summary as operator_summary,
-    pullback_operators as pullback_operators,
-    pushforward_operators as pushforward_operators,
-)
-from ._simulate import (
+from .dynamics.simulate import (
     Trajectory as Trajectory,
+)
+from .dynamics.simulate import (
     default_controller as default_controller,
+)
+from .dynamics.simulate import (
     flow as flow,
+)
+from .dynamics.simulate import (
     simulate as simulate,
 )
-from ._state import (
+from .dynamics.sweep import SweepResult as SweepResult
+from .dynamics.sweep import sweep as sweep
+from .fields.kernels import (
+    LayerKernels as LayerKernels,
+)
+from .fields.kernels import (
+    collective_kernel as collective_kernel,
+)
+from .fields.kernels import (
+    layer_kernels as layer_kernels,
+)
+from .fields.matvec import (
+    KernelEigs as KernelEigs,
+)
+from .fields.matvec import (
+    kernel_eigs as kernel_eigs,
+)
+from .fields.matvec import (
+    kernel_matvec as kernel_matvec,
+)
+from .fields.operators import (
+    OperatorSummary as OperatorSummary,
+)
+from .fields.operators import (
+    block_operator as block_operator,
+)
+from .fields.operators import (
+    hierarchy_velocities as hierarchy_velocities,
+)
+from .fields.operators import (
+    operator_pairs as operator_pairs,
+)
+from .fields.operators import (
+    operator_summary as operator_summary,
+)
+from .fields.operators import (
+    pullback_operators as pullback_operators,
+)
+from .fields.operators import (
+    pushforward_operators as pushforward_operators,
+)
+from .fields.state import (
     CollectiveState as CollectiveState,
+)
+from .fields.state import (
     collective_state as collective_state,
+)
+from .fields.state import (
     parameter_gradients as parameter_gradients,
+)
+from .fields.state import (
     pullback_gradients as pullback_gradients,
 )
-from ._sweep import SweepResult as SweepResult, sweep as sweep
-from ._velocities import Velocities as Velocities, velocities as velocities
-from ._verify import VerificationReport as VerificationReport, verify as verify
-from ._version import __version__ as __version__
+from .fields.velocities import Velocities as Velocities
+from .fields.velocities import velocities as velocities
+from .fields.verify import VerificationReport as VerificationReport
+from .fields.verify import verify as verify
+from .model.layer import Layer as Layer
+from .model.layer import LayerParams as LayerParams
+from .model.network import ReLUNet as ReLUNet
+from .studies.closure import CLOSURES as CLOSURES
+from .studies.closure import ClosureStudy as ClosureStudy
+from .studies.closure import closure_engine as closure_engine
+from .studies.closure import closure_study as closure_study
+from .studies.data import load_digits as load_digits
+from .studies.data import teacher_student as teacher_student

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import gramflow as gf
-from gramflow._batch import core_sweep, pad_network, stack, width_buckets
+from gramflow.dynamics.batch import core_sweep, pad_network, stack, width_buckets
 
 
 @pytest.fixture

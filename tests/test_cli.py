@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from gramflow._cli import main
+from gramflow.cli.main import main
 
 
 @pytest.mark.slow

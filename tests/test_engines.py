@@ -49,7 +49,7 @@ def plain_forward(net, X):
 
 def flow_direction(net, X, y):
     """`(H, dH/dt)` under gradient flow over the trained parameters, by jax.grad + jax.jvp."""
-    params, rest = eqx.partition(net, gf._network.trainable(net))
+    params, rest = eqx.partition(net, gf.model.network.trainable(net))
 
     def H_of(p):
         return plain_forward(eqx.combine(p, rest), X)[1]

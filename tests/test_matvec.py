@@ -76,7 +76,7 @@ def test_tiled_kernel_equals_dense(getkey, block_size, out_dim):
 def test_block_triangular_kernel_equals_jacobian(getkey, monkeypatch, out_dim):
     """Large P computes one block triangle of each Gram product; a cost model with small
     blocks and no width threshold forces it here."""
-    import gramflow._kernels as kernels_module
+    import gramflow.fields.kernels as kernels_module
 
     calls = []  # spy (not replace) the triangular form, to know it ran
     real = kernels_module._symmetric_kernel

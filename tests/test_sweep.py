@@ -12,7 +12,7 @@ import pytest
 from helpers import rel_err
 
 import gramflow as gf
-import gramflow._sweep as sweep_module
+import gramflow.dynamics.sweep as sweep_module
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from helpers import problem
 
 import gramflow as gf
-import gramflow._verify as verify_module
+import gramflow.fields.verify as verify_module
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4])
@@ -97,7 +97,7 @@ def test_report_nan_error_fails(getkey, field):
 
 
 def test_cli_verify_prints_table_and_exits_zero(capsys):
-    from gramflow._cli import main
+    from gramflow.cli.main import main
 
     assert main(["verify", "--samples", "12", "--out-dim", "2", "--widths", "5", "3"]) == 0
     out = capsys.readouterr().out

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._algebra import apply_kernel
-from ._kernels import collective_kernel, layer_kernels
-from ._network import ReLUNet, check_inputs, trainable
-from ._state import collective_state, parameter_gradients, pullback_gradients
+from .._algebra import apply_kernel
+from ..model.network import ReLUNet, check_inputs, trainable
+from .kernels import collective_kernel, layer_kernels
+from .state import collective_state, parameter_gradients, pullback_gradients
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-1, "float16": 1e-2}
 _JACOBIAN_BYTES_LIMIT = 2**31
@@ -19,7 +19,7 @@ _JACOBIAN_BYTES_LIMIT = 2**31
 
 def _plain_f(net, X, eps_h=None, eps_z=None):
     """The network as a plain function of its parameters, written independently of
-    `_state.py` and `_layer.py`: `h_l = g_l s_l (W_l ⊙ M_l) z_{l-1} + α_l z_{l-1}`.
+    `fields/state.py` and `model/layer.py`: `h_l = g_l s_l (W_l ⊙ M_l) z_{l-1} + α_l z_{l-1}`.
 
     `eps_h[l]` / `eps_z[l]` are additive probes on the pre-/post-activations of layer l + 1:
     since `f_μ` depends only on row μ of each probe, `∂(Σ_μ f_μ)/∂eps_h[l] = Δ_{l+1}` and

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._checks import check_data
-from ._layer import TRAINABLE, Layer, LayerParams
-from ._mask import Mask
+from .._checks import check_data
+from .._mask import Mask
+from .layer import TRAINABLE, Layer, LayerParams
 
 PARAMETRIZATIONS = ("standard", "ntk", "mean_field")
 

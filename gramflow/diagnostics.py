@@ -9,59 +9,59 @@
   kernel and of training (`depth_scaling`).
 """
 
-from ._balance import balance as balance
-from ._balance import gain_balance as gain_balance
-from ._fixed_points import (
+from .studies.balance import balance as balance
+from .studies.balance import gain_balance as gain_balance
+from .studies.fixed_points import (
     FixedPoint as FixedPoint,
 )
-from ._fixed_points import (
+from .studies.fixed_points import (
     fixed_point as fixed_point,
 )
-from ._fixed_points import (
+from .studies.fixed_points import (
     velocity_jacobian as velocity_jacobian,
 )
-from ._robustness import (
+from .studies.robustness import (
     DepthScaling as DepthScaling,
 )
-from ._robustness import (
+from .studies.robustness import (
     Robustness as Robustness,
 )
-from ._robustness import (
+from .studies.robustness import (
     depth_scaling as depth_scaling,
 )
-from ._robustness import (
+from .studies.robustness import (
     kernel_spectrum as kernel_spectrum,
 )
-from ._robustness import (
+from .studies.robustness import (
     robustness as robustness,
 )
-from ._spectral import (
+from .studies.spectral import (
     Sensitivity as Sensitivity,
 )
-from ._spectral import (
+from .studies.spectral import (
     Sharpness as Sharpness,
 )
-from ._spectral import (
+from .studies.spectral import (
     eigenvalue_sensitivity as eigenvalue_sensitivity,
 )
-from ._spectral import (
+from .studies.spectral import (
     sharpness as sharpness,
 )
-from ._study import (
+from .studies.structure import (
     METRICS as METRICS,
 )
-from ._study import (
+from .studies.structure import (
     StructureStudy as StructureStudy,
 )
-from ._study import (
+from .studies.structure import (
     corrected_structure as corrected_structure,
 )
-from ._study import (
+from .studies.structure import (
     default_structures as default_structures,
 )
-from ._study import (
+from .studies.structure import (
     pathway_structure as pathway_structure,
 )
-from ._study import (
+from .studies.structure import (
     structure_study as structure_study,
 )

@@ -9,9 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._engines import Collective, FrozenKernel, FrozenOperators, TruncatedTransport, Weights
-from ._progress import progress_bar
-from ._sweep import sweep
+from .._progress import progress_bar
+from ..dynamics.engines import (
+    Collective,
+    FrozenKernel,
+    FrozenOperators,
+    TruncatedTransport,
+    Weights,
+)
+from ..dynamics.sweep import sweep
 
 #: name -> what it keeps (engines and closures, see `gramflow.Collective`). `full_transport` keeps every term of the flow but
 #: steps it by Euler, so its error is what the discretization and sliding cost.

@@ -11,9 +11,9 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._algebra import flat_kernel
-from .._kernels import collective_kernel, layer_kernels
-from .._network import ReLUNet, _positive_int, check_inputs, forward, structure_kwargs
-from .._sweep import sweep
+from ..dynamics.sweep import sweep
+from ..fields.kernels import collective_kernel, layer_kernels
+from ..model.network import ReLUNet, _positive_int, check_inputs, forward, structure_kwargs
 
 
 class Robustness(eqx.Module):

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._algebra import residual_weighted
-from ._network import ReLUNet, check_inputs
-from ._state import effective_weights, fields
-from ._velocities import Velocities, check_transport, residual_rate
+from .._algebra import residual_weighted
+from ..model.network import ReLUNet, check_inputs
+from .state import effective_weights, fields
+from .velocities import Velocities, check_transport, residual_rate
 
 DEFAULT_MAX_BYTES = 2**30
 

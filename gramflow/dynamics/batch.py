@@ -13,9 +13,9 @@ import numpy as np
 from jax.extend import core as jex_core
 from jaxtyping import Array, Float
 
-from ._engines import AbstractEngine, Weights
-from ._network import ReLUNet
-from ._simulate import Trajectory, simulate
+from ..model.network import ReLUNet
+from .engines import AbstractEngine, Weights
+from .simulate import Trajectory, simulate
 
 
 def pad_network(net: ReLUNet, widths: Sequence[int]) -> ReLUNet:

@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PyTree
 
-from ._algebra import apply_mask, flat_kernel, residual_weighted
-from ._kernels import collective_kernel
-from ._layer import generators
-from ._network import (
+from .._algebra import apply_mask, flat_kernel, residual_weighted
+from ..fields.kernels import collective_kernel
+from ..fields.state import fields, masks, output_field, pullback
+from ..fields.velocities import check_transport, pullback_transport, rates
+from ..model.layer import generators
+from ..model.network import (
     ReLUNet,
     forward,
     from_layer_params,
@@ -32,10 +34,8 @@ from ._network import (
     to_layer_params,
     with_parameters,
 )
-from ._observables import View
-from ._optimizer import as_pytree
-from ._state import fields, masks, output_field, pullback
-from ._velocities import check_transport, pullback_transport, rates
+from .observables import View
+from .optimizer import as_pytree
 
 # -- closures --------------------------------------------------------------------------------------
 

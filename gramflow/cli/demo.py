@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._closure import CLOSURES, closure_study
-from ._data import teacher_student
-from ._engines import Collective, Weights
-from ._kernels import collective_kernel
-from ._network import ReLUNet
-from ._sweep import sweep
-from ._version import __version__
+from .._version import __version__
+from ..dynamics.engines import Collective, Weights
+from ..dynamics.sweep import sweep
+from ..fields.kernels import collective_kernel
+from ..model.network import ReLUNet
+from ..studies.closure import CLOSURES, closure_study
+from ..studies.data import EXAMPLES_HINT, load_digits, teacher_student
 
 SIZES = {
     "tiny": dict(teacher=24, digits=32, widths=(8, 16), depths=(1, 2), steps=20, seeds=(0,)),
@@ -25,28 +25,6 @@ SIZES = {
     "large": dict(teacher=512, digits=1024, widths=(64, 256, 1024, 4096), depths=(1, 2, 3),
                   steps=2000, seeds=(0, 1, 2)),
 }
-EXAMPLES_HINT = 'pip install "gramflow[examples]"  (or: pip install scikit-learn matplotlib tqdm)'
-
-
-def load_digits(*, samples: int | None = None, key=None, dtype=None):
-    """scikit-learn's bundled 8×8 digits (no download): `X` `(P, 64)` standardized and scaled to
-    norm √64 per row, `y = +1` for digits 0–4 and `−1` for 5–9. `samples` rows chosen with
-    `key` (default: all 1797). Needs the `examples` extra."""
-    try:
-        from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError as err:
-        raise ImportError(f"the digits data ship with scikit-learn: {EXAMPLES_HINT}") from err
-    data = sk_load_digits()
-    X = np.asarray(data.data, np.float64)
-    X = (X - X.mean(0)) / np.maximum(X.std(0), 1e-12)
-    X = X * np.sqrt(X.shape[1]) / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    y = np.where(data.target < 5, 1.0, -1.0)
-    if samples is not None:
-        key = jax.random.key(0) if key is None else key
-        idx = np.asarray(jax.random.permutation(key, X.shape[0])[:samples])
-        X, y = X[idx], y[idx]
-    dtype = jnp.result_type(float) if dtype is None else dtype
-    return jnp.asarray(X, dtype), jnp.asarray(y, dtype)
 
 
 def dataset(name: str, samples: int, *, seed: int = 0):

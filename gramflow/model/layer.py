@@ -25,7 +25,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._algebra import (
+from .._algebra import (
     coactivation,
     dense_trace,
     gram,
@@ -35,8 +35,8 @@ from ._algebra import (
     outer,
     unit_sum,
 )
-from ._cost import CostModel
-from ._mask import Mask
+from .._cost import CostModel
+from .._mask import Mask
 
 TRAINABLE = ("weights", "gains", "skips")
 

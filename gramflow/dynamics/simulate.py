@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._engines import AbstractEngine, FrozenKernelRun, Paired, Weights
-from ._network import ReLUNet, _positive_int, check_inputs
-from ._observables import OperatorDrift, closure_errors, observe, references, resolve
-from ._operators import DEFAULT_MAX_BYTES, operator_bytes
+from ..fields.operators import DEFAULT_MAX_BYTES, operator_bytes
+from ..model.network import ReLUNet, _positive_int, check_inputs
+from .engines import AbstractEngine, FrozenKernelRun, Paired, Weights
+from .observables import OperatorDrift, closure_errors, observe, references, resolve
 
 
 class Trajectory(eqx.Module):

@@ -6,8 +6,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._algebra import apply_mask
-from ._network import ReLUNet, check_inputs, forward, from_layer_params
+from .._algebra import apply_mask
+from ..model.network import ReLUNet, check_inputs, forward, from_layer_params
 
 
 class CollectiveState(eqx.Module):

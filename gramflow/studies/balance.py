@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._network import ReLUNet, check_net, neuron_balance
+from ..model.network import ReLUNet, check_net, neuron_balance
 
 
 def balance(net: ReLUNet) -> tuple[Float[Array, " N_l"] | None, ...]:

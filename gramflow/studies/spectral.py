@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._algebra import flat_kernel
-from .._kernels import layer_kernels
-from .._matvec import block_krylov_eigs
-from .._network import (
+from ..fields.kernels import layer_kernels
+from ..fields.matvec import block_krylov_eigs
+from ..model.network import (
     ReLUNet,
     _positive_int,
     check_inputs,

@@ -11,11 +11,11 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._mask import Mask
-from .._network import ReLUNet, structure_kwargs
 from .._progress import progress_bar
-from .._simulate import simulate
-from ._robustness import kernel_spectrum, robustness
-from ._spectral import eigenvalue_sensitivity, sharpness
+from ..dynamics.simulate import simulate
+from ..model.network import ReLUNet, structure_kwargs
+from .robustness import kernel_spectrum, robustness
+from .spectral import eigenvalue_sensitivity, sharpness
 
 
 def pathway_structure(blocks: int = 4) -> Callable[[int, tuple[int, ...]], dict]:

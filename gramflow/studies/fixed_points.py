@@ -10,8 +10,8 @@ import optax
 import optax.tree_utils
 from jaxtyping import Array, Bool, Float, Int
 
-from .._network import ReLUNet, check_inputs, parameters, with_parameters
-from .._state import parameter_gradients
+from ..fields.state import parameter_gradients
+from ..model.network import ReLUNet, check_inputs, parameters, with_parameters
 
 _MAX_PARAMS = 4096  # the Jacobian of the velocity field is (n, n): small problems only
 

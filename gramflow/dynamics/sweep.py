@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._batch import pad_network, run_pairs, run_pairs_jit, width_buckets, working_bytes
-from ._checks import check_data
-from ._engines import AbstractEngine, Weights
-from ._mask import Mask
-from ._network import PARAMETRIZATIONS, ReLUNet, _positive_int, structure_kwargs
-from ._observables import dims_of, resolve
-from ._progress import progress_bar
-from ._simulate import _check_engine
-from ._version import __version__
+from .._checks import check_data
+from .._mask import Mask
+from .._progress import progress_bar
+from .._version import __version__
+from ..model.network import PARAMETRIZATIONS, ReLUNet, _positive_int, structure_kwargs
+from .batch import pad_network, run_pairs, run_pairs_jit, width_buckets, working_bytes
+from .engines import AbstractEngine, Weights
+from .observables import dims_of, resolve
+from .simulate import _check_engine
 
 _COST: dict = {}  # per-configuration memory of each program the driver has measured
 

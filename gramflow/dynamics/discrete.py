@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._network import ReLUNet, check_inputs, parameters, with_parameters
-from ._simulate import _check_lr
-from ._state import collective_state, parameter_gradients
-from ._velocities import Velocities, velocities
+from ..fields.state import collective_state, parameter_gradients
+from ..fields.velocities import Velocities, velocities
+from ..model.network import ReLUNet, check_inputs, parameters, with_parameters
+from .simulate import _check_lr
 
 
 class StepRemainder(eqx.Module):

@@ -6,10 +6,10 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._algebra import apply_mask, residual_weighted
-from ._layer import generators
-from ._network import ReLUNet, check_inputs
-from ._state import effective_weights, fields
+from .._algebra import apply_mask, residual_weighted
+from ..model.layer import generators
+from ..model.network import ReLUNet, check_inputs
+from .state import effective_weights, fields
 
 
 class Velocities(eqx.Module):

@@ -59,8 +59,8 @@ def _figures_available() -> bool:
 
 def _demo(args) -> int:
     _x64("float64")
-    from . import _demo as demo
-    from ._plots import demo_figures
+    from ..studies.plots import demo_figures
+    from . import demo as demo
 
     cfg = dict(demo.SIZES[args.size])
     names = ["teacher", "digits"] if args.data == "both" else [args.data]
@@ -108,7 +108,7 @@ STRUCTURES = ("plain", "pathways", "corrected", "both")
 def _structure(name):
     """`(d, widths) -> ReLUNet.init keyword arguments` for a named structure
     (`gramflow.diagnostics.default_structures`)."""
-    from .diagnostics import default_structures
+    from ..diagnostics import default_structures
 
     if name not in STRUCTURES:
         raise ValueError(f"unknown structure {name!r}; expected one of {STRUCTURES}.")
@@ -198,7 +198,7 @@ def _add_options(parser, options: dict) -> None:
 
 def _data(c):
     """The built-in data set of a configuration (`data`, `samples`, `seed`), in its `dtype`."""
-    from . import _demo as demo
+    from . import demo as demo
 
     X, y = demo.dataset(c["data"], c["samples"], seed=c.get("seed", 0))
     return X.astype(c["dtype"]), y.astype(c["dtype"])
@@ -211,13 +211,13 @@ DATA = ("teacher", "digits")
 
 def _engine(name):
     """The engine object of a command-line engine name (`ENGINES`)."""
-    from ._engines import Collective, FrozenKernel, Weights
+    from ..dynamics.engines import Collective, FrozenKernel, Weights
 
     return {"weights": Weights, "collective": Collective, "frozen_kernel": FrozenKernel}[name]()
 
 
 def _common_options():
-    from ._observables import OBSERVABLES
+    from ..dynamics.observables import OBSERVABLES
 
     return dict(
         structure=STRUCTURE_OPTION,
@@ -230,7 +230,7 @@ def _common_options():
 
 
 def _simulate_options():
-    from ._network import PARAMETRIZATIONS
+    from ..model.network import PARAMETRIZATIONS
 
     return dict(
         data=dict(choices=DATA),
@@ -249,7 +249,7 @@ def _simulate_options():
 
 
 def _sweep_options():
-    from ._network import PARAMETRIZATIONS
+    from ..model.network import PARAMETRIZATIONS
 
     return dict(
         data=dict(choices=DATA),
@@ -281,7 +281,7 @@ def _simulate(args) -> int:
 
     import gramflow as gf
 
-    from . import _demo as demo
+    from . import demo as demo
 
     X, y = _data(c)
     widths = (c["width"],) * c["depth"]
@@ -314,7 +314,7 @@ def _simulate(args) -> int:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))
     if _figures_available():
-        from ._plots import trajectory_figure
+        from ..studies.plots import trajectory_figure
 
         trajectory_figure(out, traj, f"{c['data']}, L = {c['depth']}, width {c['width']}, "
                                      f"{c['engine']}")
@@ -358,7 +358,7 @@ def _sweep(args) -> int:
         json.dump(dict(config=c, final_loss=final.tolist(),
                        shape="(depth, width, seed, lr, T)"), f, indent=1)
     if _figures_available():
-        from ._plots import sweep_figure
+        from ..studies.plots import sweep_figure
 
         sweep_figure(out, res)
     print(f"wrote results to {out}")
@@ -366,7 +366,7 @@ def _sweep(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="gramflow",

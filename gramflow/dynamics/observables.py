@@ -16,9 +16,9 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._algebra import coactivation, flat_kernel
-from ._network import neuron_balance
-from ._operators import all_operators
+from .._algebra import coactivation, flat_kernel
+from ..fields.operators import all_operators
+from ..model.network import neuron_balance
 
 
 class View(eqx.Module):

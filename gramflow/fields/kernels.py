@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._algebra import coactivation, gram, transpose_samples
-from ._cost import CostModel
-from ._network import ReLUNet, check_inputs
-from ._state import fields
+from .._algebra import coactivation, gram, transpose_samples
+from .._cost import CostModel
+from ..model.network import ReLUNet, check_inputs
+from .state import fields
 
 
 class LayerKernels(eqx.Module):

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._algebra import flat_kernel
-from ._kernels import collective_kernel
-from ._network import ReLUNet, check_inputs
-from ._state import fields
+from .._algebra import flat_kernel
+from ..model.network import ReLUNet, check_inputs
+from .kernels import collective_kernel
+from .state import fields
 
 
 def _kernel_matmat(net, Z, Delta, V):

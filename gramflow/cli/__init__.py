@@ -1,0 +1,1 @@
+"""The `gramflow` command line (`main`) and the demo it runs (`demo`)."""
