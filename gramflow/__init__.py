@@ -167,7 +167,7 @@ from .fields.verify import VerificationReport as VerificationReport
 from .fields.verify import verify as verify
 from .model.layer import Layer as Layer
 from .model.layer import LayerParams as LayerParams
-from .model.network import ReLUNet as ReLUNet
+from .model.network import ReLUNet as ReLUNet, trainable as trainable
 from .studies.closure import CLOSURES as CLOSURES
 from .studies.closure import ClosureStudy as ClosureStudy
 from .studies.closure import closure_engine as closure_engine

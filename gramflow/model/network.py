@@ -13,6 +13,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._checks import check_data
 from .._mask import Mask
+from .interop import build_mlp, mlp_arrays
 from .layer import TRAINABLE, Layer, LayerParams
 
 PARAMETRIZATIONS = ("standard", "ntk", "mean_field")
@@ -331,6 +332,43 @@ class ReLUNet(eqx.Module):
         return cls(weights, readout, scales, parametrization, masks=masks, gains=gains,
                    skips=skips, train=train)
 
+    @classmethod
+    def from_equinox(cls, mlp, *, parametrization: str = "standard") -> ReLUNet:
+        """The `ReLUNet` computing the same function as a bias-free ReLU `eqx.nn.MLP`; its last
+        layer becomes the fixed readout.
+
+        **Arguments:** `mlp`: an `equinox.nn.MLP` with `use_bias=False`,
+        `use_final_bias=False`, `activation=jax.nn.relu` and the identity final activation
+        (anything else raises, saying why); `parametrization`: the scales `s_l` to factor out
+        of the weights — `"standard"` (`s = 1`, the weights are equinox's), `"ntk"` or
+        `"mean_field"` (`W_l = W_l^eqx / s_l`, `a = W_out^eqxᵀ / s_out`), which sets how
+        `parametrization`-dependent quantities (and a learning rate) are scaled.
+
+        **Returns:** a `ReLUNet` with `net(x) == mlp(x)` and `train=("weights",)`; for
+        `out_size="scalar"` a scalar-output network, else `out_dim = out_size`.
+        """
+        hidden, last, scalar = mlp_arrays(mlp)
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, "
+                             f"got {parametrization!r}.")
+        widths = [w.shape[0] for w in hidden]
+        scales = _scales(parametrization, hidden[0].shape[1], widths)
+        readout = last.T / scales[-1]
+        return cls([w / s for w, s in zip(hidden, scales)], readout[:, 0] if scalar else readout,
+                   jnp.asarray(scales, last.dtype), parametrization)
+
+    def to_equinox(self):
+        """The `eqx.nn.MLP` computing the same function: hidden layers apply the effective
+        weights `W̃_l = g_l s_l (W_l ⊙ M_l) + α_l I` (so masks, gains and skip paths are
+        folded into plain weights: the function is kept, the structure and the choice of
+        trained parameters are not), the last layer applies `s_out aᵀ`. No biases, ReLU.
+        Needs equal hidden widths (an `eqx.nn.MLP` has one `width_size`)."""
+        check_net(self)
+        readout = self.scales[-1] * self.readout
+        last = readout[None, :] if self.out_dim is None else readout.T
+        return build_mlp([layer.effective() for layer in self.layers], last,
+                         self.out_dim is None)
+
     @property
     def depth(self) -> int:
         """Number of hidden (trained) layers L."""
@@ -408,7 +446,11 @@ def forward(net: ReLUNet, X: Float[Array, "P d"]):
 
 def trainable(net: ReLUNet, *, every: bool = False):
     """Filter spec (a pytree of bools shaped like `net`) of the trained leaves, or with
-    `every=True` of the weights and every structure parameter, trained or not."""
+    `every=True` of the weights and every structure parameter, trained or not.
+
+    Use it to differentiate only what gradient descent trains (never the fixed readout or
+    the scales): `params, rest = eqx.partition(net, gf.trainable(net))`, then
+    `eqx.filter_grad` of a function of `eqx.combine(params, rest)`."""
     chosen = TRAINABLE if every else net.train
     spec = jax.tree.map(lambda _: False, net)
     return eqx.tree_at(
