@@ -107,8 +107,8 @@ class Weights(AbstractEngine):
     or gradient flow on them. Masked-out weights get zero gradient and stay where they are.
 
     **Arguments:** `optimizer`: an `optax.GradientTransformation` (default: `optax.sgd(lr)`
-    with the `lr` given to `simulate`). Its hyperparameters are array leaves (`_optimizer`),
-    so a new optimizer of the same kind with other numbers does not recompile;
+    with the `lr` given to `simulate`). Its hyperparameters become array leaves (see
+    `gramflow/dynamics/optimizer.py`), so a new optimizer of the same kind with other numbers does not recompile;
     transformations that need the loss (`optax.contrib.reduce_on_plateau`, `optax.lbfgs`)
     receive `value`, `grad` and `value_fn`. Give either `lr` or an optimizer, not both.
     """

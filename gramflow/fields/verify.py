@@ -19,7 +19,8 @@ _JACOBIAN_BYTES_LIMIT = 2**31
 
 def _plain_f(net, X, eps_h=None, eps_z=None):
     """The network as a plain function of its parameters, written independently of
-    `fields/state.py` and `model/layer.py`: `h_l = g_l s_l (W_l ⊙ M_l) z_{l-1} + α_l z_{l-1}`.
+    `gramflow/fields/state.py` and `gramflow/model/layer.py`:
+    `h_l = g_l s_l (W_l ⊙ M_l) z_{l-1} + α_l z_{l-1}`.
 
     `eps_h[l]` / `eps_z[l]` are additive probes on the pre-/post-activations of layer l + 1:
     since `f_μ` depends only on row μ of each probe, `∂(Σ_μ f_μ)/∂eps_h[l] = Δ_{l+1}` and
