@@ -119,6 +119,8 @@ from .fields.kernels import (
 from .fields.kernels import (
     layer_kernels as layer_kernels,
 )
+from .fields.limits import limit_kernels as limit_kernels
+from .fields.limits import limit_normalization as limit_normalization
 from .fields.matvec import (
     KernelEigs as KernelEigs,
 )

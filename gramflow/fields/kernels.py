@@ -1,4 +1,5 @@
-"""Layer-wise kernels `K_l = s_l² G_{l-1} ⊙ Q_l` and the collective kernel (I2, I3)."""
+"""Layer-wise kernels `K_l = s_l² G_{l-1} ⊙ Q_l` and the collective kernel (I2, I3), on the
+training set or between two sets of sites (I9)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,17 @@ class LayerKernels(eqx.Module):
       weight term `(g_l s_l)² Σ_b (G_{l-1})_{C_b} ⊙ (Q_l)_{R_b}` over the bicliques of the
       mask, plus rank-one terms for a trained gain and a trained skip (`Layer.kernel`).
     - `total`: `K = Σ_l K_l`, the empirical NTK over the trained parameters.
+    - `nngp`: `None` for a finite network; for `limit_kernels`, the covariance of the outputs
+      at initialization (the NNGP kernel), shaped like `total`.
+
+    With two sets of sites (`X2`), every matrix is `(P, Q)` (or `(P, Q, k, k)`).
     """
 
     G: tuple[Float[Array, "P P"], ...]
     Q: tuple[Float[Array, "P P *kk"], ...]
     K: tuple[Float[Array, "P P *kk"], ...]
     total: Float[Array, "P P *kk"]
+    nngp: Float[Array, "P P *kk"] | None = None
 
 
 def local_kernels(net: ReLUNet, Zi, Di, Zj=None, Dj=None, *, cost: CostModel | None = None):
@@ -43,35 +49,46 @@ def local_kernels(net: ReLUNet, Zi, Di, Zj=None, Dj=None, *, cost: CostModel | N
 
 
 def layer_kernels(
-    net: ReLUNet, X: Float[Array, "P d"], *, cost: CostModel | None = None
+    net: ReLUNet, X: Float[Array, "P d"], X2: Float[Array, "Q d"] | None = None, *,
+    cost: CostModel | None = None,
 ) -> LayerKernels:
-    """Per-layer kernels `K_l = s_l² G_{l-1} ⊙ Q_l` and their sum (I2; for L = 1, I3).
+    """Per-layer kernels `K_l = s_l² G_{l-1} ⊙ Q_l` and their sum (I2; for L = 1, I3), on
+    the training set or, with `X2`, between two sets of sites (I9).
 
     Cost O(P² Σ_l N_l) after one forward and one pullback pass; no Jacobian is formed.
 
-    **Arguments:** `net`; `X` of shape `(P, d)`; `cost`: a `CostModel` (default: the
-    backend's) for the choice between exact forms of a masked layer's kernel.
+    **Arguments:** `net`; `X` of shape `(P, d)`; `X2`: `None` (the kernel of `X` with itself)
+    or other inputs `(Q, d)` — test points, say — for the cross kernels
+    `K_l(X, X2) = s_l² G_{l-1}(X, X2) ⊙ Q_l(X, X2)`, Grams and co-activations with rows from
+    `X` and columns from `X2` (equal to `J_l(X) J_l(X2)ᵀ`); `cost`: a `CostModel` (default:
+    the backend's) for the choice between exact forms of a masked layer's kernel.
 
     **Returns:** a `LayerKernels`; kernels are `(P, P)` for scalar output and `(P, P, k, k)`
     for vector outputs (the neural-tangents layout), so that
-    `dr_{μi}/dt = −η Σ_{νj} K[μ,ν,i,j] r_{νj}`.
+    `dr_{μi}/dt = −η Σ_{νj} K[μ,ν,i,j] r_{νj}`; with `X2`, `(P, Q)` or `(P, Q, k, k)`.
     """
     X, _ = check_inputs(net, X)
     _, Z, _, _, Delta, _ = fields(net, X)
-    G = tuple(gram(z) for z in Z[:-1])
-    Q = tuple(coactivation(d) for d in Delta)
-    K = local_kernels(net, Z[:-1], Delta, cost=cost)
+    if X2 is None:
+        Z2, Delta2 = Z, Delta
+    else:
+        X2, _ = check_inputs(net, X2)
+        _, Z2, _, _, Delta2, _ = fields(net, X2)
+    G = tuple(gram(z, z2) for z, z2 in zip(Z[:-1], Z2[:-1]))
+    Q = tuple(coactivation(d, d2) for d, d2 in zip(Delta, Delta2))
+    K = local_kernels(net, Z[:-1], Delta, Z2[:-1], Delta2, cost=cost)
     return LayerKernels(G=G, Q=Q, K=K, total=sum(K[1:], K[0]))
 
 
 def collective_kernel(
-    net: ReLUNet, X: Float[Array, "P d"], *, block_size: int | None = None,
-    cost: CostModel | None = None,
+    net: ReLUNet, X: Float[Array, "P d"], X2: Float[Array, "Q d"] | None = None, *,
+    block_size: int | None = None, cost: CostModel | None = None,
 ) -> Float[Array, "P P *kk"]:
     """The collective kernel `K = Σ_l s_l² G_{l-1} ⊙ Q_l` (I2), equal to `J Jᵀ` with
     `J = ∂f/∂θ` over the trained parameters.
 
-    **Arguments:** `net`; `X` of shape `(P, d)`; `block_size`: fill K in tiles of
+    **Arguments:** `net`; `X` of shape `(P, d)`; `X2`: `None`, or other inputs `(Q, d)` for
+    the cross kernel `K(X, X2) = J(X) J(X2)ᵀ` (I9); `block_size`: fill K in tiles of
     `block_size` samples, recomputing the fields of two blocks per tile, for when the
     `(P, P)` kernel fits in memory but the fields `(P, Σ N_l)` of all samples do not
     (default `None`: one pass over all samples). `cost`: a `CostModel` (default: the
@@ -79,20 +96,31 @@ def collective_kernel(
     masked layer uses. For products `K v` or the top spectrum without forming K at all, see
     `kernel_matvec` and `kernel_eigs`.
 
-    **Returns:** `K` of shape `(P, P)` (scalar output) or `(P, P, k, k)` (vector outputs).
+    **Returns:** `K` of shape `(P, P)` (scalar output) or `(P, P, k, k)` (vector outputs);
+    with `X2`, `(P, Q)` or `(P, Q, k, k)`.
     """
     X, _ = check_inputs(net, X)
+    if X2 is not None:
+        X2, _ = check_inputs(net, X2)
     cost = CostModel.default() if cost is None else cost
     if block_size is None:
         _, Z, _, _, Delta, _ = fields(net, X)
+        if X2 is not None:
+            _, Z2, _, _, Delta2, _ = fields(net, X2)
+            return _kernel_tile(net, Z, Delta, Z2, Delta2, cost)
         if _use_triangle(X.shape[0], net, cost):
             return _symmetric_kernel(net, Z, Delta, cost)
         return _kernel_tile(net, Z, Delta, Z, Delta, cost)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
-    P = X.shape[0]
-    nb = -(-P // block_size)
-    Xb = jnp.pad(X, ((0, nb * block_size - P), (0, 0))).reshape(nb, block_size, -1)
+    X2 = X if X2 is None else X2
+    P, Q = X.shape[0], X2.shape[0]
+
+    def blocks(A):
+        n = -(-A.shape[0] // block_size)
+        return jnp.pad(A, ((0, n * block_size - A.shape[0]), (0, 0))).reshape(n, block_size, -1)
+
+    Xb, X2b = blocks(X), blocks(X2)
 
     def block_fields(x):
         _, Z, _, _, Delta, _ = fields(net, x)
@@ -105,11 +133,12 @@ def collective_kernel(
             Zj, Dj = block_fields(xj)
             return _kernel_tile(net, Zi, Di, Zj, Dj, cost)
 
-        return jax.lax.map(tile, Xb)
+        return jax.lax.map(tile, X2b)
 
-    tiles = jax.lax.map(row, Xb)  # (nb, nb, b, b, *kk)
-    K = jnp.moveaxis(tiles, 2, 1).reshape(nb * block_size, nb * block_size, *tiles.shape[4:])
-    return K[:P, :P]
+    tiles = jax.lax.map(row, Xb)  # (nb, nb2, b, b, *kk)
+    K = jnp.moveaxis(tiles, 2, 1).reshape(Xb.shape[0] * block_size, X2b.shape[0] * block_size,
+                                          *tiles.shape[4:])
+    return K[:P, :Q]
 
 
 def _use_triangle(P: int, net, cost: CostModel) -> bool:
