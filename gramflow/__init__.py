@@ -45,6 +45,8 @@ from .dynamics.engines import (
 from .dynamics.engines import (
     WeightsState as WeightsState,
 )
+from .dynamics.lazy import LazyPredictions as LazyPredictions
+from .dynamics.lazy import lazy_predictions as lazy_predictions
 from .dynamics.observables import (
     OBSERVABLES as OBSERVABLES,
 )

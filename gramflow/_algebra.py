@@ -77,12 +77,12 @@ def dense_trace(c: Float[Array, ""], z: Float[Array, "P n"], d: Float[Array, "P 
     return c**2 * jnp.sum(jnp.sum(z**2, -1) * jnp.sum((d**2).reshape(d.shape[0], -1), -1))
 
 
-def flat_kernel(K: Float[Array, "P P *kk"]) -> Float[Array, "Pk Pk"]:
-    """`(P, P, k, k)` → `(P·k, P·k)` with row index `μ·k + i`, matching `r.reshape(-1)`."""
+def flat_kernel(K: Float[Array, "P Q *kk"]) -> Float[Array, "Pk Qk"]:
+    """`(P, Q, k, k)` → `(P·k, Q·k)` with row index `μ·k + i`, matching `r.reshape(-1)`."""
     if K.ndim == 2:
         return K
-    P, k = K.shape[0], K.shape[2]
-    return K.transpose(0, 2, 1, 3).reshape(P * k, P * k)
+    P, Q, k = K.shape[0], K.shape[1], K.shape[2]
+    return K.transpose(0, 2, 1, 3).reshape(P * k, Q * k)
 
 
 def apply_kernel(K: Float[Array, "P P *kk"], v: Float[Array, "P *k"]) -> Float[Array, "P *k"]:
