@@ -67,6 +67,7 @@ from .dynamics.observables import (
 )
 from .dynamics.observables import (
     ConditionNumber as ConditionNumber,
+    CrossKernel as CrossKernel,
 )
 from .dynamics.observables import (
     Kernel as Kernel,
@@ -94,6 +95,11 @@ from .dynamics.observables import (
 )
 from .dynamics.observables import (
     Residual as Residual,
+    Spectators as Spectators,
+    TestAlignment as TestAlignment,
+    TestError as TestError,
+    TestLoss as TestLoss,
+    TestOutput as TestOutput,
 )
 from .dynamics.observables import (
     View as View,

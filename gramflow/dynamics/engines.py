@@ -34,7 +34,8 @@ from ..model.network import (
     to_layer_params,
     with_parameters,
 )
-from .observables import View
+from .lazy import _decay_and_phi
+from .observables import Spectators, View
 from .optimizer import as_pytree
 
 # -- closures --------------------------------------------------------------------------------------
@@ -86,8 +87,9 @@ class AbstractEngine(eqx.Module):
     carries_fields: ClassVar[bool] = True
 
     @abc.abstractmethod
-    def build(self, net: ReLUNet, X, y, lr, *, continuous: bool):
-        """The run of this engine on a problem (see the module docstring)."""
+    def build(self, net: ReLUNet, X, y, lr, *, continuous: bool, test=None):
+        """The run of this engine on a problem (see the module docstring); `test`: `None` or
+        spectator sites `(X_test, y_test)` that ride along without entering the loss (I9)."""
 
     def needs_lr(self) -> bool:
         return True
@@ -121,9 +123,26 @@ class Weights(AbstractEngine):
     def needs_lr(self) -> bool:
         return self.optimizer is None
 
-    def build(self, net, X, y, lr, *, continuous):
+    def build(self, net, X, y, lr, *, continuous, test=None):
         opt = None if continuous else (optax.sgd(lr) if self.optimizer is None else self.optimizer)
-        return _WeightsRun(net, X, y, opt)
+        return _WeightsRun(net, X, y, opt, *_spectator_data(test))
+
+
+def _spectator_data(test):
+    return (None, None) if test is None else test
+
+
+def _spectators(net: ReLUNet, Xs, ys, H1=None):
+    """The spectator sites of `net` (I9): forward from `H_1` (given, or `Xs W̃_1ᵀ`) through
+    the current effective weights."""
+    if Xs is None:
+        return None
+    W = generators(net.layers)
+    H = [Xs @ net.layers[0].effective().T if H1 is None else H1]
+    for w in W[1:]:
+        H.append(jax.nn.relu(H[-1]) @ w.T)
+    f = net.scales[-1] * (jax.nn.relu(H[-1]) @ net.readout)
+    return Spectators(X=Xs, y=ys, f=f, H=tuple(H))
 
 
 class _WeightsRun(eqx.Module):
@@ -131,6 +150,8 @@ class _WeightsRun(eqx.Module):
     X: Array
     y: Array
     optimizer: optax.GradientTransformation | None
+    Xs: Array | None = None
+    ys: Array | None = None
 
     def loss(self, params):
         f = forward(with_parameters(self.net, params), self.X)[-1]
@@ -157,7 +178,7 @@ class _WeightsRun(eqx.Module):
         H, Z, D, _, Delta, f = fields(net, self.X)
         layers = net.layers
         return View(r=f - self.y, H=H, Z=Z, D=D, Delta=Delta, layers=layers,
-                    weights=generators(layers), net=net)
+                    weights=generators(layers), net=net, test=_spectators(net, self.Xs, self.ys))
 
     def final(self, st: WeightsState) -> ReLUNet:
         return with_parameters(self.net, st.params)
@@ -211,7 +232,7 @@ class Collective(AbstractEngine):
                 f"gramflow.TruncatedTransport(n) or gramflow.FrozenOperators() — got "
                 f"{self.closure!r}.")
 
-    def build(self, net, X, y, lr, *, continuous):
+    def build(self, net, X, y, lr, *, continuous, test=None):
         P, d = X.shape
         C = X @ X.T if P < 2 * d else None
         op0 = None
@@ -219,7 +240,10 @@ class Collective(AbstractEngine):
             H0 = forward(net, X)[0]
             op0 = (generators(net.layers), masks(H0))
         transport = None if self.closure is None else self.closure.transport
-        return _CollectiveRun(net, X, y, C, op0, transport, self.closure is not None, continuous)
+        Xs, ys = _spectator_data(test)
+        Hs0 = None if Xs is None else forward(net, Xs)[0][0]
+        return _CollectiveRun(net, X, y, C, op0, transport, self.closure is not None, continuous,
+                              Xs, ys, Hs0)
 
 
 def _residual(net: ReLUNet, y, H_L):
@@ -236,6 +260,19 @@ class _CollectiveRun(eqx.Module):
     transport: int | None = eqx.field(static=True)
     closure: bool = eqx.field(static=True)
     continuous: bool = eqx.field(static=True)
+    Xs: Array | None = None  # spectator sites (I9) and their targets
+    ys: Array | None = None
+    Hs0: Array | None = None  # H_1 at the spectator sites at t = 0
+
+    def _spectator_field(self, st: FieldState):
+        """`H_1` at the spectator sites without `W_1` (I9): with `W_1(t) = W_1(0) + A_t X`,
+        `H_1(X_s) = H_1(X_s, 0) + g s (X_s Xᵀ) A_tᵀ` — the cross Gram applied to the field
+        memory. `None` (read through the rebuilt `W̃_1`) for a masked first layer or one that
+        also trains its gain or skip."""
+        first = self.net.layers[0]
+        if st.coefficient is None or first.mask is not None or first.train != ("weights",):
+            return None
+        return self.Hs0 + first.coefficient * ((self.Xs @ self.X.T) @ st.coefficient.T)
 
     # -- the network from the state ------------------------------------------------------------
 
@@ -296,8 +333,11 @@ class _CollectiveRun(eqx.Module):
             W = generators(layers)
             Delta = pullback(W, D, top)[1]
         r = _residual(self.net, self.y, st.H[-1]) if st.r is None else st.r
+        net = self.final(st)
+        test = None if self.Xs is None else _spectators(net, self.Xs, self.ys,
+                                                          self._spectator_field(st))
         return View(r=r, H=st.H, Z=Z, D=D, Delta=Delta, layers=layers, weights=W_op,
-                    op_masks=D_op, net=self.final(st))
+                    op_masks=D_op, net=net, test=test)
 
     def _descent(self, v: View):
         """`dθ = −∂L/∂θ` per layer (layer 1 without its weight) and `dA` (η = 1)."""
@@ -386,40 +426,65 @@ class _CollectiveRun(eqx.Module):
 class FrozenKernel(AbstractEngine):
     """Lazy / NTK limit: the kernel frozen at t = 0, `r_n = (I − ηK₀)^n r₀` and
     `r(t) = exp(−ηK₀t) r₀`, through one eigendecomposition `K₀ = U diag(λ) Uᵀ`. Carries only
-    the residual, so it records only `loss` and `r`."""
+    the residual, so it records only `loss` and `r` (and, with test sites, what needs only
+    their outputs: `f(X_s) = f₀(X_s) − η K₀(X_s, X) Σ_{m<n} r_m`)."""
 
     carries_fields: ClassVar[bool] = False
 
-    def build(self, net, X, y, lr, *, continuous):
+    def build(self, net, X, y, lr, *, continuous, test=None):
         lam, U = jnp.linalg.eigh(flat_kernel(collective_kernel(net, X)))
-        return FrozenKernelRun(U=U, lam=lam, r0=forward(net, X)[-1] - y)
+        r0 = forward(net, X)[-1] - y
+        if test is None:
+            return FrozenKernelRun(U=U, lam=lam, r0=r0)
+        Xs, ys = test
+        KsU = flat_kernel(collective_kernel(net, Xs, X)) @ U
+        return FrozenKernelRun(U=U, lam=lam, r0=r0, KsU=KsU, fs0=forward(net, Xs)[-1], ys=ys)
 
 
 class FrozenKernelRun(eqx.Module):
-    """The state is `c = Uᵀ r` (flattened over outputs)."""
+    """The state is `c = Uᵀ r` (flattened over outputs); with spectator sites, `(c, a)` with
+    `a = η Σ_{m<n} c_m` (`∫ η c dt` for flow), which moves them by `−K₀(X_s, X) U a`."""
 
     U: Array
     lam: Array
     r0: Array
+    KsU: Array | None = None  # K₀(X_s, X) U, (Q·k, P·k)
+    fs0: Array | None = None
+    ys: Array | None = None
 
     def init(self):
-        return self.U.T @ self.r0.reshape(-1)
+        c = self.U.T @ self.r0.reshape(-1)
+        return c if self.KsU is None else (c, jnp.zeros_like(c))
 
-    def step(self, c, lr):
-        return (1 - lr * self.lam) * c, 0.5 * jnp.sum(c**2)
+    def step(self, st, lr):
+        if self.KsU is None:
+            return (1 - lr * self.lam) * st, 0.5 * jnp.sum(st**2)
+        c, a = st
+        return ((1 - lr * self.lam) * c, a + lr * c), 0.5 * jnp.sum(c**2)
 
-    def rate(self, c, lr):
-        return -lr * self.lam * c
+    def rate(self, st, lr):
+        if self.KsU is None:
+            return -lr * self.lam * st
+        c, _ = st
+        return (-lr * self.lam * c, lr * c)
 
     def at_time(self, t, lr):
-        """Closed form `c(t) = exp(−ηλt) c(0)`."""
-        return jnp.exp(-lr * self.lam * t) * self.init()
+        """Closed form `c(t) = exp(−ηλt) c(0)`, `a(t) = φ_t(λ) c(0)` (`lazy_predictions`)."""
+        c0 = self.U.T @ self.r0.reshape(-1)
+        decay, phi = _decay_and_phi(self.lam, lr, jnp.reshape(t, (1,)), False)
+        c = decay[0] * c0
+        return c if self.KsU is None else (c, phi[0] * c0)
 
-    def view(self, c) -> View:
-        return View(r=(self.U @ c).reshape(self.r0.shape))
+    def view(self, st) -> View:
+        c = st if self.KsU is None else st[0]
+        test = None
+        if self.KsU is not None:
+            f = self.fs0 - (self.KsU @ st[1]).reshape(self.fs0.shape)
+            test = Spectators(X=None, y=self.ys, f=f)
+        return View(r=(self.U @ c).reshape(self.r0.shape), test=test)
 
-    def final(self, c):
-        return self.view(c).r
+    def final(self, st):
+        return self.view(st).r
 
 
 class Paired(eqx.Module):

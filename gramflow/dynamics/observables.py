@@ -17,8 +17,20 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._algebra import coactivation, flat_kernel
+from ..fields.kernels import collective_kernel
 from ..fields.operators import all_operators
 from ..model.network import neuron_balance
+
+
+class Spectators(eqx.Module):
+    """Sites that ride along a run without entering the loss (a test set, I9): their inputs
+    `X` `(Q, d)` (`None` for the frozen kernel), targets `y`, current outputs `f` `(Q,)` or
+    `(Q, k)`, and forward fields `H` (a tuple per layer, `None` for the frozen kernel)."""
+
+    X: Float[Array, "Q d"] | None
+    y: Float[Array, "Q *k"]
+    f: Float[Array, "Q *k"]
+    H: tuple | None = None
 
 
 class View(eqx.Module):
@@ -26,7 +38,8 @@ class View(eqx.Module):
     carry only the residual. `layers` are the current `Layer`s (their local kernels; the
     first may hold no weight matrix, see the collective engine), `weights` the effective
     weights generating the Gram operators (`W̃_1` may be `None`), `op_masks` the masks
-    generating them if not `D`, and `net` the current network when the engine has it whole."""
+    generating them if not `D`, `net` the current network when the engine has it whole, and
+    `test` the spectator sites (`Spectators`) when the run has a test set."""
 
     r: Float[Array, "P *k"]
     H: tuple | None = None
@@ -37,6 +50,7 @@ class View(eqx.Module):
     weights: tuple | None = None
     op_masks: tuple | None = None
     net: eqx.Module | None = None
+    test: Spectators | None = None
 
 
 def _rel_drift(A, A0):
@@ -60,6 +74,8 @@ class AbstractObservable(eqx.Module):
 
     name: ClassVar[str] = "observable"
     needs_fields: ClassVar[bool] = True
+    #: whether it reads the spectator sites (`simulate(..., test=(X_test, y_test))`)
+    needs_test: ClassVar[bool] = False
     #: names of the axes of one record (a prefix is used when the value has fewer axes)
     dims: ClassVar[tuple[str, ...]] = ()
 
@@ -248,6 +264,74 @@ class OperatorDrift(AbstractObservable):
         return jnp.stack(drifts) if drifts else jnp.zeros((0,), view.r.dtype)
 
 
+class TestLoss(AbstractObservable):
+    """Test loss `½ Σ (f(X_test) − y_test)²`, `()` (needs `test=`)."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+    name: ClassVar[str] = "test_loss"
+    needs_fields: ClassVar[bool] = False
+    needs_test: ClassVar[bool] = True
+
+    def __call__(self, view, ref):
+        return 0.5 * jnp.sum((view.test.f - view.test.y) ** 2)
+
+
+class TestError(AbstractObservable):
+    """Test error rate, `()`: the fraction of test points whose sign (scalar output) or
+    argmax (vector output) differs from the target's (needs `test=`)."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+    name: ClassVar[str] = "test_error"
+    needs_fields: ClassVar[bool] = False
+    needs_test: ClassVar[bool] = True
+
+    def __call__(self, view, ref):
+        f, y = view.test.f, view.test.y
+        if f.ndim == 1:
+            wrong = jnp.sign(f) != jnp.sign(y)
+        else:
+            wrong = jnp.argmax(f, axis=-1) != jnp.argmax(y, axis=-1)
+        return jnp.mean(wrong.astype(f.dtype))
+
+
+class TestOutput(AbstractObservable):
+    """The outputs at the test sites, `(Q,)` or `(Q, k)` (needs `test=`)."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+    name: ClassVar[str] = "test_output"
+    dims: ClassVar[tuple[str, ...]] = ("test_sample", "output")
+    needs_fields: ClassVar[bool] = False
+    needs_test: ClassVar[bool] = True
+
+    def __call__(self, view, ref):
+        return view.test.f
+
+
+class CrossKernel(AbstractObservable):
+    """The cross kernel `K(X_test, X)`, `(Q, P)` or `(Q, P, k, k)` (I9; needs `test=`)."""
+
+    name: ClassVar[str] = "cross_kernel"
+    dims: ClassVar[tuple[str, ...]] = ("test_sample", "sample", "output", "output2")
+    needs_test: ClassVar[bool] = True
+
+    def __call__(self, view, ref):
+        return collective_kernel(view.net, view.test.X, view.Z[0])
+
+
+class TestAlignment(AbstractObservable):
+    """Kernel–target alignment on the test set, `⟨y, K y⟩ / (‖K‖_F ‖y‖²)` with
+    `K = K(X_test, X_test)`, `()` (needs `test=`; `alignment` is the training set's)."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+    name: ClassVar[str] = "test_alignment"
+    needs_test: ClassVar[bool] = True
+
+    def __call__(self, view, ref):
+        y = view.test.y.reshape(-1)
+        Kf = flat_kernel(collective_kernel(view.net, view.test.X))
+        return y @ Kf @ y / (jnp.linalg.norm(Kf) * (y @ y))
+
+
 class Function(AbstractObservable):
     """A plain callable `fn(view) -> array` as an observable (how user functions enter)."""
 
@@ -259,12 +343,15 @@ class Function(AbstractObservable):
 
 _BUILTIN = (Loss, Residual, KernelTrace, KernelShare, ActiveFraction, KernelEigenvalues,
             LayerKernelEigenvalues, KernelDrift, ConditionNumber, Alignment, CoactivationDrift,
-            Kernel, BalanceDrift, OperatorDrift)
+            Kernel, BalanceDrift, OperatorDrift, TestLoss, TestError, TestOutput, CrossKernel,
+            TestAlignment)
 _SHAPES = {"loss": "()", "r": "(P,) or (P, k)", "kernel_trace": "(L,)", "kernel_share": "(L,)",
            "active_fraction": "(L,)", "kernel_eigs": "(m,)", "layer_kernel_eigs": "(L, m)",
            "kernel_drift": "()", "condition_number": "()", "alignment": "()",
            "coactivation_drift": "(L,)", "kernel": "(P, P) or (P, P, k, k)",
-           "balance_drift": "(L,)", "operator_drift": "(n_pairs,)"}
+           "balance_drift": "(L,)", "operator_drift": "(n_pairs,)", "test_loss": "()",
+           "test_error": "()", "test_output": "(Q,) or (Q, k)",
+           "cross_kernel": "(Q, P) or (Q, P, k, k)", "test_alignment": "()"}
 #: name -> (shape per record, description) of the built-in observables (`L` hidden layers,
 #: `m` = `top_m`); the names are what the command line and `observables=` strings accept.
 OBSERVABLES = {cls.name: (_SHAPES[cls.name], cls.__doc__.split("\n")[0]) for cls in _BUILTIN}
@@ -272,6 +359,7 @@ DEFAULT_OBSERVABLES = ("loss", "r", "kernel_trace", "kernel_share", "active_frac
 #: names gramflow records itself beside the observables
 RESERVED = frozenset({"step", "first_nonfinite", "closure_error", "field_error"})
 FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
+TEST_DEFAULTS = ("test_loss", "test_error")  # added to the defaults when a run has a test set
 
 
 def _builtin(name: str, top_m: int) -> AbstractObservable:
@@ -279,18 +367,20 @@ def _builtin(name: str, top_m: int) -> AbstractObservable:
     return cls(m=top_m) if cls in (KernelEigenvalues, LayerKernelEigenvalues) else cls()
 
 
-def resolve(observables, *, fields: bool, top_m: int) -> dict[str, AbstractObservable]:
+def resolve(observables, *, fields: bool, top_m: int,
+            test: bool = False) -> dict[str, AbstractObservable]:
     """`observables` as an ordered dict name → `AbstractObservable`, `loss` first.
 
     Accepts `None` (the engine's cheap defaults), a sequence of built-in names, observable
     objects (named by their `name`) and callables `fn(view)` (named by `fn.__name__`), or a
     mapping name → any of those. `fields` says whether the engine carries fields
-    (`FrozenKernel` carries only r).
+    (`FrozenKernel` carries only r); `test` whether the run has spectator sites.
     """
     if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m <= 0:
         raise ValueError(f"`top_m` must be a positive int, got {top_m!r}.")
     if observables is None:
-        observables = DEFAULT_OBSERVABLES if fields else FIELD_FREE
+        observables = (DEFAULT_OBSERVABLES if fields else FIELD_FREE) + (
+            TEST_DEFAULTS if test else ())
     if isinstance(observables, (str, AbstractObservable)) or callable(observables) \
             and not isinstance(observables, Mapping):
         observables = (observables,)
@@ -319,6 +409,10 @@ def resolve(observables, *, fields: bool, top_m: int) -> dict[str, AbstractObser
                 f"observable name {name!r} is taken ({where}); give each observable its own "
                 f"name, e.g. `observables={{'my_name': fn}}` (gramflow's own: loss, r, "
                 f"{', '.join(sorted(RESERVED))}).")
+        if obs.needs_test and not test:
+            raise ValueError(
+                f"observable {name!r} reads the test sites: pass `test=(X_test, y_test)` to "
+                "the run (simulate, flow or sweep).")
         if not fields and obs.needs_fields:
             raise ValueError(
                 f"this engine (FrozenKernel) carries only the residual r, so it cannot record "

@@ -144,17 +144,30 @@ def _check_state(state, expected):
     return state
 
 
-def _build(net, X, y, engine, reference_engine, lr, continuous):
-    run = engine.build(net, X, y, lr, continuous=continuous)
+def _build(net, X, y, engine, reference_engine, lr, continuous, test=None):
+    run = engine.build(net, X, y, lr, continuous=continuous, test=test)
     if reference_engine is None:
         return run
     return Paired(run, reference_engine.build(net, X, y, lr, continuous=continuous))
 
 
+def check_test(net, test):
+    """`test=(X_test, y_test)` validated against `net` like `X`, `y` (or `None`)."""
+    if test is None:
+        return None
+    if not isinstance(test, (tuple, list)) or len(test) != 2:
+        raise TypeError("`test` must be a pair (X_test, y_test) of arrays of shapes (Q, d) and "
+                        f"(Q,) or (Q, k), got {type(test).__name__}.")
+    try:
+        return tuple(check_inputs(net, *test))
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"in `test=(X_test, y_test)`: {err}") from err
+
+
 @eqx.filter_jit
 def _simulate(net, X, y, lr, steps, record_every, engine, reference_engine, obs,
-              state):
-    run = _build(net, X, y, engine, reference_engine, lr, False)
+              state, test=None):
+    run = _build(net, X, y, engine, reference_engine, lr, False, test)
     state0 = run.init()
     refs = references(run.view(state0), y, obs)  # drifts: against t = 0 of net
     state = state0 if state is None else _check_state(state, state0)
@@ -200,6 +213,7 @@ def simulate(
     top_m: int = 5,
     reference: AbstractEngine | None = None,
     state: PyTree = None,
+    test: tuple | None = None,
 ) -> Trajectory:
     """Gradient descent on `L = ½ Σ_μ r_μ²` (sum-reduced), `θ ← θ − η ∂L/∂θ` over the trained
     parameters, for `steps` steps; the whole loop is one `jax.lax.scan` under `jit`.
@@ -238,6 +252,11 @@ def simulate(
       continue that run bit for bit as if it had not stopped; drift observables stay
       relative to `net`, and `step` counts from the resume. A `flow` state does not resume
       `simulate`.
+    - `test`: `None`, or `(X_test, y_test)`: spectator sites that ride along without entering
+      the loss (I9) — under the collective engine moved by cross Grams with the training
+      sites (for one hidden layer without any weight matrix), under the frozen kernel by
+      `K₀(X_test, X)`. Adds `test_loss` and `test_error` to the default observables; also
+      available: `test_output`, `cross_kernel`, `test_alignment`.
 
     **Returns:** a `Trajectory`. If the loss stops being finite, `first_nonfinite` says when
     and, when called eagerly, a `RuntimeWarning` suggests a smaller `lr`.
@@ -247,13 +266,15 @@ def simulate(
     record_every = _positive_int("record_every", record_every)
     engine = _check_engine("engine", engine)
     reference_engine = _check_engine("reference", reference, optional=True)
-    obs = resolve(observables, fields=engine.carries_fields, top_m=top_m)
+    test = check_test(net, test)
+    obs = resolve(observables, fields=engine.carries_fields, top_m=top_m,
+                  test=test is not None)
     _check_operator_size(net, X.shape[0], obs)
     lr = _resolve_lr(engine, reference_engine, lr, net.dtype)
     if state is not None and reference_engine is not None:
         raise ValueError("`state` resumes a single run; it cannot be combined with `reference`.")
     recs, final, end, bad, marks = _simulate(
-        net, X, y, lr, steps, record_every, engine, reference_engine, obs, state
+        net, X, y, lr, steps, record_every, engine, reference_engine, obs, state, test
     )
     traj = _trajectory(recs, final, bad, engine, step=jnp.asarray(marks),
                        state=end[0] if reference_engine is not None else end)
@@ -292,8 +313,8 @@ def default_controller(dtype) -> diffrax.PIDController:
 
 @eqx.filter_jit
 def _flow(net, X, y, lr, ts, t1, engine, reference_engine, obs, solver, controller,
-          max_steps):
-    run = _build(net, X, y, engine, reference_engine, lr, True)
+          max_steps, test=None):
+    run = _build(net, X, y, engine, reference_engine, lr, True, test)
     state = run.init()
     refs = references(run.view(state), y, obs)
     record = lambda s: _record(run, s, obs, refs)  # noqa: E731
@@ -342,6 +363,7 @@ def flow(
     observables=None,
     top_m: int = 5,
     reference: AbstractEngine | None = None,
+    test: tuple | None = None,
 ) -> Trajectory:
     """Gradient flow `dθ/dt = −η ∂L/∂θ` on `L = ½ Σ r²` from t = 0 to `t1`, through diffrax.
 
@@ -367,7 +389,7 @@ def flow(
     diffrax controller (default: `default_controller(dtype)`, tolerances set by the dtype);
     `max_steps`: solver step budget; `observables`, `top_m`: as in `simulate` (closures
     integrate B by (I5) and so also miss its jumps at activation flips — part of what their
-    error measures).
+    error measures); `test`: spectator sites `(X_test, y_test)` as in `simulate`.
 
     **Returns:** a `Trajectory` with `t = ts`; `first_nonfinite` is an index into `ts`.
     """
@@ -377,7 +399,9 @@ def flow(
     if not engine.needs_lr():
         raise ValueError("`flow` integrates gradient flow; an optimizer has no flow. Use "
                          "gf.Weights() without an optimizer, or `simulate`.")
-    obs = resolve(observables, fields=engine.carries_fields, top_m=top_m)
+    test = check_test(net, test)
+    obs = resolve(observables, fields=engine.carries_fields, top_m=top_m,
+                  test=test is not None)
     _check_operator_size(net, X.shape[0], obs)
     lr = _check_lr(lr, net.dtype)
     t1 = jnp.asarray(t1, net.dtype)
@@ -394,7 +418,7 @@ def flow(
     controller = default_controller(net.dtype) if stepsize_controller is None else stepsize_controller
     try:
         recs, final, end = _flow(net, X, y, lr, ts, t1, engine, reference_engine, obs,
-                                 solver, controller, max_steps)
+                                 solver, controller, max_steps, test)
     except eqx.EquinoxRuntimeError as err:
         if "maximum number of solver steps" not in str(err):
             raise
