@@ -178,6 +178,7 @@ from .fields.verify import verify as verify
 from .model.layer import Layer as Layer
 from .model.layer import LayerParams as LayerParams
 from .model.network import ReLUNet as ReLUNet, trainable as trainable
+from .model.network import gamma0 as gamma0, natural_lr as natural_lr
 from .studies.closure import CLOSURES as CLOSURES
 from .studies.closure import ClosureStudy as ClosureStudy
 from .studies.closure import closure_engine as closure_engine

@@ -178,3 +178,26 @@ def test_limit_normalization_and_refusals(getkey):
         gf.limit_kernels(masked, X)
     with pytest.raises(ValueError, match="X"):
         gf.limit_kernels(net, jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("parametrization", ["ntk", "standard", "mean_field"])
+def test_richness_knob_gamma0(getkey, parametrization):
+    """γ₀ divides the output; kernels then carry 1/γ₀², which `limit_normalization` undoes,
+    and `natural_lr` multiplies η by γ₀² (times the parametrization's width factor)."""
+    key, X = getkey(), jax.random.normal(getkey(), (5, 3), jnp.float64)
+    base = gf.ReLUNet.init(key, 3, (16, 32), parametrization=parametrization, dtype=jnp.float64)
+    lazy = gf.ReLUNet.init(key, 3, (16, 32), parametrization=parametrization, gamma0=0.25,
+                           dtype=jnp.float64)
+    assert rel_err(lazy(X), 4.0 * base(X)) <= 1e-15
+    assert abs(float(gf.gamma0(lazy)) - 0.25) <= 1e-15
+    ca, cb = gf.limit_normalization(base), gf.limit_normalization(lazy)
+    ka, kb = gf.layer_kernels(base, X), gf.layer_kernels(lazy, X)
+    for l in range(2):
+        assert rel_err(cb["K"][l] * kb.K[l], ca["K"][l] * ka.K[l]) <= 1e-12
+    width = {"ntk": 1.0, "mean_field": 32.0, "standard": 1 / 16}[parametrization]
+    assert abs(float(gf.natural_lr(lazy, 2.0)) - 2.0 * 0.25**2 * width) <= 1e-15
+    # η from natural_lr makes the residual dynamics the same for every γ₀: η K is invariant.
+    assert rel_err(gf.natural_lr(lazy) * gf.collective_kernel(lazy, X),
+                   gf.natural_lr(base) * gf.collective_kernel(base, X)) <= 1e-12
+    with pytest.raises(ValueError, match="gamma0"):
+        gf.ReLUNet.init(key, 3, (4,), gamma0=0.0)

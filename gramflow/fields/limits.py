@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._checks import check_data
-from ..model.network import ReLUNet, check_net
+from ..model.network import ReLUNet, check_net, gamma0
 from .kernels import LayerKernels
 
 
@@ -51,7 +51,8 @@ def limit_normalization(net: ReLUNet) -> dict[str, Float[Array, "..."]]:
     | `"standard"` | `1/N_{l-1}` | 1 | 1 |
     | `"mean_field"` | `N_L` | `N_L` | `N_L` |
 
-    (`N_0 = d`.) The forward Gram always converges as `G_{l-1}/N_{l-1}`. So
+    (`N_0 = d`), each times `γ₀²` for a network built with `gamma0=γ₀` (its output carries
+    `1/γ₀`). The forward Gram always converges as `G_{l-1}/N_{l-1}`. So
     `c["K"][l] * layer_kernels(net, X).K[l] → limit_kernels(net, X).K[l]`, with fluctuations
     of order `N^{-1/2}`.
 
@@ -68,7 +69,8 @@ def limit_normalization(net: ReLUNet) -> dict[str, Float[Array, "..."]]:
         K, Q, nngp = 1.0 / fan_in, ones, jnp.ones((), net.dtype)
     else:  # mean_field
         K, Q, nngp = n_last * ones, n_last * ones, n_last
-    return {"G": 1.0 / fan_in, "Q": Q, "K": K, "nngp": nngp}
+    g2 = gamma0(net) ** 2  # the output carries 1/γ₀: kernels and the NNGP carry 1/γ₀²
+    return {"G": 1.0 / fan_in, "Q": g2 * Q, "K": g2 * K, "nngp": g2 * nngp}
 
 
 def _check_limit(net: ReLUNet) -> None:

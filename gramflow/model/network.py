@@ -235,6 +235,7 @@ class ReLUNet(eqx.Module):
         train: Sequence[str] | None = None,
         activation: str = "relu",
         bias: bool = False,
+        gamma0: float = 1.0,
     ) -> ReLUNet:
         """Random network in one of the parametrizations of the class docstring.
 
@@ -256,6 +257,11 @@ class ReLUNet(eqx.Module):
         - `skips`: skip strength `α` for every layer with equal in and out widths, or one
           `α_l`/`None` per layer, or `None`.
         - `train`: what gradient descent trains (default: weights, and gains if any).
+        - `gamma0`: the richness knob γ₀ > 0: the output is scaled by `1/γ₀`
+          (`s_out → s_out / γ₀`), so the kernels scale by `1/γ₀²`; pair it with
+          `natural_lr(net, η₀)`, which scales η by `γ₀²` (and the parametrization's width
+          factor) to keep the dynamics O(1). Small γ₀ (or the NTK parametrization at large
+          width) is lazy; mean field at fixed γ₀ moves its features at any width.
         - `activation`, `bias`: only `"relu"` and `False` are supported — see the error for why.
         """
         if activation != "relu":
@@ -318,7 +324,9 @@ class ReLUNet(eqx.Module):
         scales = _scales(parametrization, in_dim, widths)
         if parametrization != "standard":
             scales[:-1] = [1.0 / math.sqrt(f) for f in eff_fan]
-        scales = jnp.asarray(scales, dtype)
+        if not isinstance(gamma0, jax.core.Tracer) and not (np.isfinite(gamma0) and gamma0 > 0):
+            raise ValueError(f"`gamma0` must be positive and finite, got {gamma0!r}.")
+        scales = jnp.asarray(scales, dtype).at[-1].divide(gamma0)
         if gains is not None:
             gains = jnp.full((L,), gains, dtype)
         if skips is not None:
@@ -400,6 +408,26 @@ class ReLUNet(eqx.Module):
         X, _ = check_inputs(self, jnp.asarray(X)[None] if single else X)
         f = forward(self, X)[-1]
         return f[0] if single else f
+
+
+def gamma0(net: ReLUNet) -> Float[Array, ""]:
+    """The richness γ₀ of a network built by `ReLUNet.init(..., gamma0=γ₀)`: its
+    parametrization's readout scale over the actual one, `s_out(parametrization) / s_out`."""
+    if net.parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"`net` has parametrization {net.parametrization!r}; γ₀ is defined "
+                         f"relative to one of {PARAMETRIZATIONS}.")
+    default = _scales(net.parametrization, net.in_dim, net.widths)[-1]
+    return default / net.scales[-1]
+
+
+def natural_lr(net: ReLUNet, eta0=1.0) -> Float[Array, ""]:
+    """The learning rate that keeps the dynamics O(1) as widths grow, for the network's
+    parametrization and richness γ₀: `η = η₀ γ₀² c` with `c = 1` (`"ntk"`), `N_L`
+    (`"mean_field"`: `K ~ 1/N_L`) or `1 / max_l N_{l-1}` (`"standard"`: `K_l ~ N_{l-1}`);
+    `N_0 = d`. Traced-friendly (an array)."""
+    fan_in = max(net.in_dim, *net.widths[:-1]) if net.depth > 1 else net.in_dim
+    width = {"ntk": 1.0, "mean_field": float(net.widths[-1]), "standard": 1.0 / fan_in}
+    return jnp.asarray(eta0, net.dtype) * gamma0(net) ** 2 * width[net.parametrization]
 
 
 def check_net(net) -> None:
