@@ -7,8 +7,8 @@ the pure run time of its compiled core.
 1. First calls, compilation included on both sides: `gf.sweep` over the grid (one program per
    width bucket, all seeds × lrs in one vmap) against a Python loop of `gf.simulate` (the lr is
    traced, so the loop compiles once per width and then runs every seed and lr).
-2. Repeated calls: an identical second `gf.sweep` (which reuses the compiled program: no
-   tracing) against the pure run time of that program on the same inputs.
+2. Repeated calls: an identical second `gf.sweep` (which reuses its compiled programs: no
+   tracing) against the pure run time of those programs on the same inputs.
 
 Agreement is checked first; times are medians over `--repeats` runs (first calls: once).
 """
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import gramflow as gf
-from gramflow.dynamics.batch import pad_network, run_pairs_jit, stack
+from gramflow.dynamics.batch import pad_network, run_pairs_jit, stack, width_buckets
+from gramflow.dynamics.sweep import _vmap_size
 
 
 def _timed(fn):
@@ -68,20 +69,23 @@ def main(argv=None):
 
     repeated = statistics.median(_timed(lambda: gf.sweep(X, y, **grid).loss)[0]
                                  for _ in range(args.repeats))
-    # The pure run: the compiled core on the inputs the driver builds, nothing else.
-    nets = [pad_network(gf.ReLUNet.init(jax.random.key(s), X.shape[1], (w,) * depth,
-                                        dtype=X.dtype), (w,) * depth)
-            for w in widths for s in seeds]
+    # The pure run: the driver's compiled programs (one per width bucket, padded as it pads,
+    # its configurations side by side or in sequence as it runs them) on its inputs, nothing
+    # else.
     static = dict(engine=gf.Weights(), top_m=5, reference=None,
                   observables={"loss": gf.Loss()}, steps=args.steps,
                   record_every=args.steps)
-    per_width = []
-    for i, w in enumerate(widths):
-        batch = stack([n for n in nets[i * len(seeds):(i + 1) * len(seeds)] for _ in lrs])
-        lr = jnp.repeat(jnp.asarray(lrs, X.dtype)[:, None], len(seeds), 1).reshape(-1)
-        per_width.append((batch, lr))
-    run = lambda: [run_pairs_jit(b, lr, X, y, **static)["loss"] for b, lr in per_width]  # noqa: E731
-    _timed(run)  # warm-up (the driver compiled this program already)
+    per_bucket = []
+    for members, pad_to in width_buckets([(w,) * depth for w in widths], X.shape[1]):
+        batch = stack([pad_network(gf.ReLUNet.init(jax.random.key(s), X.shape[1],
+                                                   (widths[i],) * depth, dtype=X.dtype), pad_to)
+                       for i in members for s in seeds for _ in lrs])
+        lr = jnp.tile(jnp.asarray(lrs, X.dtype), len(members) * len(seeds))
+        k = _vmap_size(args.samples, X.shape[1], pad_to, jax.devices())
+        per_bucket.append((batch, lr, None if k >= len(lr) else k))
+    run = lambda: [run_pairs_jit(b, lr, X, y, **static, batch_size=k)["loss"]  # noqa: E731
+                   for b, lr, k in per_bucket]
+    _timed(run)  # warm-up (the driver compiled these programs already)
     pure = statistics.median(_timed(run)[0] for _ in range(args.repeats))
 
     n = len(widths) * len(seeds) * len(lrs)

@@ -2,6 +2,7 @@
 
 import itertools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,16 @@ import optax
 import pytest
 
 import gramflow as gf
-from gramflow.dynamics.batch import core_sweep, pad_network, stack, width_buckets
+from gramflow.dynamics.batch import (
+    core_sweep,
+    flat_random_bits,
+    pad_network,
+    run_pairs,
+    stack,
+    vmap_keys,
+    width_buckets,
+)
+from gramflow.dynamics.observables import resolve
 
 
 @pytest.fixture
@@ -125,3 +135,43 @@ def test_a_batch_shares_its_static_part(data):
         core_sweep(nets, X, y, steps=3, lrs=jnp.array([0.1]), engine=[gf.Weights(), gf.Weights()])
     both = core_sweep(nets, X, y, steps=3, engine=[scheduled(1), scheduled(1)])
     assert np.array_equal(both.loss[:, 0], both.loss[:, 1])
+
+
+def test_vmap_keys_is_vmap_bit_for_bit():
+    """Networks of several shapes and structures from one compiled program, equal to
+    `ReLUNet.init` on each key: every random draw is the prefix of one flat draw."""
+    assert flat_random_bits()  # JAX's default PRNG
+    mask = gf.Mask.block_diagonal((6, 6), 2)
+    inits = [
+        lambda k: gf.ReLUNet.init(k, 4, (3, 5)),
+        lambda k: pad_network(gf.ReLUNet.init(k, 4, (6, 6), masks=(None, mask), gains=0.5,
+                                              skips=0.3, parametrization="standard"), (8, 8)),
+        lambda k: gf.ReLUNet.init(k, 4, (7,), out_dim=3, dtype=jnp.float32,
+                                  parametrization="mean_field"),
+        lambda k: jax.random.uniform(jax.random.fold_in(k, 3), (2, 9)),
+    ]
+    seeds = (0, 1, 5, 2**31 - 1)
+    data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
+    got = jax.jit(lambda data: vmap_keys([lambda k, f=f: eqx.filter(f(k), eqx.is_array)
+                                          for f in inits], data))(data)
+    for f, out in zip(inits, got):
+        for i, s in enumerate(seeds):
+            ref = eqx.filter(f(jax.random.key(s)), eqx.is_array)
+            assert jax.tree.structure(ref) == jax.tree.structure(out)
+            for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
+                assert a.dtype == b.dtype and np.array_equal(a, b[i])
+
+
+def test_pairs_in_sequence_equal_pairs_side_by_side(data):
+    X, y = data
+    nets = nets_of((5, 4), seeds=(0, 1, 2, 3, 4))
+    lrs = jnp.array([0.05, 0.1, 0.2, 0.1, 0.05])
+    kw = dict(steps=6, engine=gf.Weights(), record_every=3, top_m=5, reference=None,
+              observables=resolve(("loss", "r", "kernel_trace"), fields=True, top_m=5))
+    side = run_pairs(nets, lrs, X, y, **kw)
+    for k in (1, 2, 5):
+        seq = run_pairs(nets, lrs, X, y, batch_size=k, **kw)
+        assert jax.tree.structure(seq) == jax.tree.structure(side)
+        for key in side:
+            assert seq[key].shape == side[key].shape
+            assert np.allclose(seq[key], side[key], rtol=1e-12, atol=0)

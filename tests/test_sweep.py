@@ -46,6 +46,49 @@ def test_padded_width_sweep_equals_separate_runs(data, engine):
                 assert rel_err(res.loss[0, j, s_i, r_i], traj.loss) <= 1e-10
 
 
+def test_networks_are_built_as_init_and_pad_build_them(data):
+    """The driver builds every bucket's networks in one program: bit for bit those of
+    `ReLUNet.init` per seed and architecture, zero-padded by `pad_network`."""
+    seeds = (0, 3)
+    buckets = [(((3, 5), (4, 4)), ({}, {}), (4, 5)),
+               (((6, 6),), (dict(masks=(None, gf.Mask.banded((6, 6), 1)), gains=0.5,
+                                 skips=0.2),), (6, 6)),
+               (((2,),), ({},), (2,))]
+    built = sweep_module._build_nets(seeds, 4, buckets, None, "standard", jnp.float64)
+    assert len(built) == len(buckets)
+    for nets, (archs, kws, pad_to) in zip(built, buckets):
+        eager = sweep_module._build_nets_eagerly(seeds, 4, archs, kws, None, "standard",
+                                                 jnp.float64, pad_to)
+        assert jax.tree.structure(nets) == jax.tree.structure(eager)
+        for a, b in zip(jax.tree.leaves(nets), jax.tree.leaves(eager)):
+            assert isinstance(a, np.ndarray) and a.shape == (len(archs), len(seeds), *a.shape[2:])
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+        for w, (arch, kw) in enumerate(zip(archs, kws)):
+            for s_i, seed in enumerate(seeds):
+                net = gf.pad_network(gf.ReLUNet.init(jax.random.key(seed), 4, arch, **kw,
+                                                     parametrization="standard"), pad_to)
+                one = jax.tree.map(lambda a, w=w, s_i=s_i: a[w, s_i], nets)
+                for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(net)):
+                    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("vmap_size", [1, 3])
+def test_configurations_in_sequence_change_nothing(data, vmap_size):
+    """`vmap_size`: configurations side by side in one vmap, the rest one after another; the
+    results are those of the full vmap (up to the summation order)."""
+    X, y = data
+    kw = dict(widths=(3, 6), depths=(1, 2), seeds=(0, 1), lrs=(0.05, 0.1, 0.2), steps=12,
+              record_every=4, observables=("loss", "r"), progress=False)
+    side = gf.sweep(X, y, vmap_size=1000, **kw)
+    seq = gf.sweep(X, y, vmap_size=vmap_size, **kw)
+    assert rel_err(seq.observables["r"], side.observables["r"]) <= 1e-12
+    assert rel_err(seq.loss, side.loss) <= 1e-12
+    assert sweep_module._vmap_size(64, 16, (128, 128), jax.devices()) == 1  # wide: in sequence
+    assert sweep_module._vmap_size(10, 4, (3, 3), jax.devices()) > 1000  # narrow: side by side
+    with pytest.raises(ValueError, match="`vmap_size` must be a positive int"):
+        gf.sweep(X, y, vmap_size=0, **kw)
+
+
 def test_padding_is_exact_and_padded_weights_stay_zero(data):
     X, y = data
     net = gf.ReLUNet.init(jax.random.key(3), 4, (5, 3))

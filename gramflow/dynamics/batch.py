@@ -4,7 +4,8 @@ and the exact width padding that lets networks of different widths share it."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -146,13 +147,20 @@ def core_sweep(
 
 
 def run_pairs(nets: ReLUNet, lrs: Float[Array, " B"], X, y, *, steps: int, engine,
-              record_every: int, observables, top_m: int, reference) -> dict[str, Array]:
-    """`simulate` on the pairs `(nets[b], lrs[b])` side by side (one vmap): the unit of work
-    of the `sweep` driver, which chunks, shards and stores it. Returns the recorded arrays
-    (`loss`, `r` if recorded, each observable, `first_nonfinite`, `step`), leading axis B."""
+              record_every: int, observables, top_m: int, reference,
+              batch_size: int | None = None) -> dict[str, Array]:
+    """`simulate` on the pairs `(nets[b], lrs[b])` in one program: the unit of work of the
+    `sweep` driver, which chunks, shards and stores it. Returns the recorded arrays (`loss`,
+    `r` if recorded, each observable, `first_nonfinite`, `step`), leading axis B.
+
+    `batch_size`: `None` runs all B pairs side by side (one `jax.vmap`); an int k runs them
+    k at a time side by side, the groups one after another (`jax.lax.map`; k = 1: plain
+    runs in a loop, as `simulate` would run them — on CPU, where XLA's batched matrix
+    products of wide layers are slower than a sequence of plain ones)."""
     net_arrays, net_static = eqx.partition(nets, eqx.is_array)
 
-    def one(arrays, lr):
+    def one(arrays_lr):
+        arrays, lr = arrays_lr
         traj = simulate(eqx.combine(arrays, net_static), X, y, steps=steps, lr=lr,
                         engine=engine, record_every=record_every, observables=observables,
                         top_m=top_m, reference=reference)
@@ -160,7 +168,9 @@ def run_pairs(nets: ReLUNet, lrs: Float[Array, " B"], X, y, *, steps: int, engin
                 **traj.observables, "first_nonfinite": traj.first_nonfinite,
                 "step": traj.step}
 
-    return jax.vmap(one)(net_arrays, lrs)
+    if batch_size is None or batch_size >= lrs.shape[0]:
+        return jax.vmap(one)((net_arrays, lrs))
+    return jax.lax.map(one, (net_arrays, lrs), batch_size=None if batch_size == 1 else batch_size)
 
 
 #: `run_pairs` compiled once per static configuration and shape and kept: a sweep called
@@ -186,3 +196,100 @@ def working_bytes(fn, *args, **kwargs) -> int:
     ends = sum(nbytes(v) for v in (*closed.jaxpr.invars, *closed.jaxpr.outvars)
                if isinstance(v.aval, jax.core.ShapedArray))
     return ends + 4 * largest
+
+
+def _eval_jaxpr(jaxpr, consts, args, random_bits, eager=False):
+    """`jax.core.eval_jaxpr` with nested `jit` calls inlined and every `random_bits`
+    equation answered by `random_bits(key, bit_width, shape)`. `eager`: round every
+    equation's floating result as when it runs on its own (an optimization barrier after
+    each), so that XLA does not merge the constant factors of successive products."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        sub = eqn.params.get("jaxpr")
+        if eqn.primitive.name == "random_bits":
+            outs = [random_bits(invals[0], eqn.params["bit_width"], eqn.params["shape"])]
+        elif eqn.primitive.name in ("jit", "pjit") and isinstance(sub, jex_core.ClosedJaxpr):
+            outs = _eval_jaxpr(sub.jaxpr, sub.consts, invals, random_bits)
+        else:
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        if eager:
+            outs = [jax.lax.optimization_barrier(x) if jnp.issubdtype(x.dtype, jnp.inexact)
+                    else x for x in outs]
+        env.update((v, x) for v, x in zip(eqn.outvars, outs)
+                   if not isinstance(v, jex_core.DropVar))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def flat_random_bits() -> bool:
+    """Whether `random_bits(key, shape)` is the first `prod(shape)` entries of
+    `random_bits(key, (n,))` for any larger n, reshaped: true of JAX's default PRNG
+    (threefry2x32 with `jax_threefry_partitionable`, the default since JAX 0.5), which draws
+    entry i from `threefry(key, i)` of its flat index i."""
+    return bool(jax.config.jax_threefry_partitionable) and (
+        jax.config.jax_default_prng_impl == "threefry2x32")
+
+
+def vmap_keys(fns: Sequence[Callable], key_data) -> list:
+    """`[jax.vmap(lambda k: fn(jax.random.wrap_key_data(k)))(key_data) for fn in fns]`, equal
+    bit for bit, but cheap to compile: every `fn` (e.g. `lambda key: ReLUNet.init(key, ...)`,
+    returning arrays) is traced once to a jaxpr, and every random draw of every `fn` and key
+    comes from one threefry program of one flat shape (see `flat_random_bits`), where a
+    separate program per shape and per vmapped key would each cost XLA a fraction of a
+    second to compile. Works inside `jax.jit`; the draws' keys must not depend on other
+    draws (true of initializers, which split their key). Without `flat_random_bits()` it is
+    the plain `jax.vmap`.
+
+    `key_data`: `(S, ...)`, `jax.random.key_data` of S keys."""
+    wrap = jax.random.wrap_key_data
+    if not flat_random_bits():
+        return [jax.vmap(lambda k, fn=fn: fn(wrap(k)))(key_data) for fn in fns]
+    one = wrap(key_data[0])
+    traced = [jax.make_jaxpr(fn, return_shape=True)(one) for fn in fns]
+    draws = []  # (bit_width, shape) of each draw, in the order the jaxprs make them
+
+    def keys_of_draws(k):  # pass 1: every eqn but the draws (those feeding only draws die)
+        found = []
+
+        def record(key, bit_width, shape):
+            found.append(jax.random.key_data(key))
+            draws.append((bit_width, shape))
+            return jnp.zeros(shape, f"uint{bit_width}")
+
+        for closed, _ in traced:
+            _eval_jaxpr(closed.jaxpr, closed.consts, [wrap(k)], record)
+        return found
+
+    found = jax.lax.map(keys_of_draws, key_data)  # per draw, (S, ...) key data
+    if not found:
+        return [jax.vmap(lambda k, fn=fn: fn(wrap(k)))(key_data) for fn in fns]
+    bits = [None] * len(draws)
+    for width in sorted({w for w, _ in draws}):  # pass 2: one flat draw per key
+        which = [i for i, (w, _) in enumerate(draws) if w == width]
+        n = max(math.prod(draws[i][1]) for i in which)
+        keys = jnp.stack([found[i] for i in which], 1)  # (S, D, ...)
+        flat = jax.lax.map(lambda k, n=n, width=width: jax.random.bits(
+            wrap(k), (n,), f"uint{width}"), keys.reshape(-1, *keys.shape[2:]))
+        for j, i in enumerate(which):
+            bits[i] = flat.reshape(keys.shape[0], len(which), n)[:, j]
+
+    def rest(k, bits):  # pass 3: everything, each draw a prefix of its flat draw
+        order = iter(range(len(draws)))
+
+        def give(key, bit_width, shape):
+            return bits[next(order)][: math.prod(shape)].reshape(shape)
+
+        return [jax.tree.unflatten(jax.tree.structure(shape), _eval_jaxpr(
+            closed.jaxpr, closed.consts, [wrap(k)], give, eager=True))
+                for closed, shape in traced]
+
+    return jax.vmap(rest)(key_data, bits)

@@ -3,10 +3,12 @@ resumable."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -22,7 +24,15 @@ from .._mask import Mask
 from .._progress import progress_bar
 from .._version import __version__
 from ..model.network import PARAMETRIZATIONS, ReLUNet, _positive_int, structure_kwargs
-from .batch import pad_network, run_pairs, run_pairs_jit, width_buckets, working_bytes
+from .batch import (
+    flat_random_bits,
+    pad_network,
+    run_pairs,
+    run_pairs_jit,
+    vmap_keys,
+    width_buckets,
+    working_bytes,
+)
 from .engines import AbstractEngine, Weights
 from .observables import dims_of, resolve
 from .simulate import _check_engine
@@ -128,6 +138,19 @@ def _architectures(widths, depths) -> list[list[tuple[int, ...]]]:
             row.append(arch)
         out.append(row)
     return out
+
+
+def _vmap_size(P, d, widths, devices) -> int:
+    """Configurations run side by side in one `vmap`, the default of `sweep(vmap_size=)`:
+    all on accelerators (and when sharded); on one CPU device the largest power of two that
+    keeps a pass through the layers under 2¹⁹ multiply-adds (`P Σ_l N_l (N_{l-1} + 1)` per
+    configuration), fastest there: XLA's batched products on CPU are slower than a sequence
+    of plain ones for wide layers, faster for narrow ones."""
+    if len(devices) > 1 or devices[0].platform != "cpu":
+        return 1 << 62
+    sizes = (d, *widths)
+    work = P * sum(n * (m + 1) for n, m in zip(sizes[1:], sizes[:-1]))
+    return 1 << max(0, math.floor(math.log2(2**19 / work)))
 
 
 def _default_max_bytes() -> int:
@@ -258,10 +281,48 @@ def _load_finished(directory, prefix, fingerprint, config, n):
     return pieces
 
 
-def _build_nets(seeds, d, archs, kws, out_dim, parametrization, dtype, pad_to):
-    """The networks of one bucket as NumPy leaves, `(W, S, ...)`: `ReLUNet.init` for every
-    architecture and seed (eagerly: its few operations compile once per shape, and a jitted
-    `vmap` of it compiled slower than it ran), zero-padded to `pad_to` (`pad_network`)."""
+def _build_nets(seeds, d, buckets, out_dim, parametrization, dtype):
+    """The networks of every bucket `(archs, kws, pad_to)` as NumPy leaves, `(W, S, ...)`:
+    `ReLUNet.init(jax.random.key(seed), d, arch, ...)` for every architecture and seed,
+    zero-padded to `pad_to` (`pad_network`), bit for bit. All of them come from one compiled
+    program (`vmap_keys`: one threefry draw of one flat shape for every layer), kept for an
+    identical sweep; eagerly, each of the few random draws per shape would compile on its own,
+    the bulk of a first sweep's time."""
+    if not flat_random_bits():  # another PRNG: eagerly, per configuration
+        return [_build_nets_eagerly(seeds, d, archs, kws, out_dim, parametrization, dtype,
+                                    pad_to) for archs, kws, pad_to in buckets]
+    key = (d, out_dim, parametrization, str(jnp.dtype(dtype)), len(seeds), repr([
+        (archs, _describe(list(kws)), pad_to) for archs, kws, pad_to in buckets]))
+    if key not in _BUILDERS:
+        inits = [(a, kw, pad_to) for archs, kws, pad_to in buckets for a, kw in zip(archs, kws)]
+        statics = [None] * len(inits)
+
+        def init(j, k):
+            a, kw, pad_to = inits[j]
+            net = pad_network(ReLUNet.init(k, d, a, out_dim=out_dim, dtype=dtype,
+                                           parametrization=parametrization, **kw), pad_to)
+            arrays, statics[j] = eqx.partition(net, eqx.is_array)
+            return arrays
+
+        program = jax.jit(lambda key_data: vmap_keys(
+            [functools.partial(init, j) for j in range(len(inits))], key_data))
+        while len(_BUILDERS) >= 16:
+            _BUILDERS.pop(next(iter(_BUILDERS)))
+        _BUILDERS[key] = program, statics
+    program, statics = _BUILDERS[key]
+    key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
+    built = iter(zip(program(key_data), statics))
+    out = []
+    for archs, _, _ in buckets:
+        arrays = [next(built) for _ in archs]
+        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                               *[a for a, _ in arrays])
+        out.append(eqx.combine(stacked, arrays[0][1]))
+    return out
+
+
+def _build_nets_eagerly(seeds, d, archs, kws, out_dim, parametrization, dtype, pad_to):
+    """`_build_nets` of one bucket, one `ReLUNet.init` per architecture and seed."""
     nets = [pad_network(ReLUNet.init(jax.random.key(s), d, a, out_dim=out_dim,
                                      parametrization=parametrization, dtype=dtype, **kw), pad_to)
             for a, kw in zip(archs, kws) for s in seeds]
@@ -270,6 +331,9 @@ def _build_nets(seeds, d, archs, kws, out_dim, parametrization, dtype, pad_to):
     stacked = [np.stack([np.asarray(x[i]) for x in leaves]).reshape(
         (len(archs), len(seeds)) + np.shape(leaves[0][i])) for i in range(len(leaves[0]))]
     return eqx.combine(jax.tree.unflatten(jax.tree.structure(arrays), stacked), static)
+
+
+_BUILDERS: dict = {}  # the compiled network builders of recent sweeps, by configuration
 
 
 def _structure_of(d, arch, out_dim, parametrization, dtype, kw):
@@ -310,21 +374,23 @@ def sweep(
     structure: dict | Callable[[int, tuple[int, ...]], dict] | None = None,
     max_padding: float = 1.0,
     progress: bool = True,
+    vmap_size: int | None = None,
 ) -> SweepResult:
     """Gradient descent (`simulate`) over the grid depths × widths × seeds × lrs.
 
     A driver around one pure core (`run_pairs`, compiled once per static configuration and
-    kept, so an identical second call reuses it): seeds and learning rates run through
-    `jax.vmap`; widths too, by exact zero-padding (`pad_network`) within buckets of similar
-    widths (`width_buckets`: padding adds at most `max_padding` to a bucket's work — the
-    default 1.0 at most doubles it, a fair trade while compiling a program costs more than
-    running it; lower it for long runs of very different widths), with
-    the scales from the true widths as traced leaves. The configurations of a depth are split into
-    chunks that fit `max_bytes` (default: half the accelerator's memory, or a quarter of the
-    host's RAM on CPU), run one compiled call per chunk with a progress bar, and, with more
-    than one device, sharded over the devices along the configuration axis
-    (`jax.sharding.Mesh` + `NamedSharding`). The chunking changes neither the results nor
-    what a rerun into the same `out` can reuse.
+    kept, so an identical second call reuses it): seeds and learning rates share one program
+    (`jax.vmap`, or in sequence: `vmap_size`); widths too, by exact zero-padding
+    (`pad_network`) within buckets of similar widths (`width_buckets`: padding adds at most
+    `max_padding` to a bucket's work — the default 1.0 at most doubles it, a fair trade while
+    compiling a program costs more than running it; lower it for long runs of very different
+    widths), with the scales from the true widths as traced leaves. The networks of every
+    bucket come from one compiled program (`vmap_keys`), equal to `ReLUNet.init` per seed.
+    The configurations of a depth are split into chunks that fit `max_bytes` (default: half
+    the accelerator's memory, or a quarter of the host's RAM on CPU), run one compiled call
+    per chunk with a progress bar, and, with more than one device, sharded over the devices
+    along the configuration axis (`jax.sharding.Mesh` + `NamedSharding`). The chunking changes
+    neither the results nor what a rerun into the same `out` can reuse.
 
     **Arguments:**
 
@@ -348,6 +414,14 @@ def sweep(
       Chunks of a different sweep (other data, grid, structure, ...) raise `ValueError`
       naming what differs; a damaged chunk (truncated or modified file) raises `ValueError`
       naming the files to delete to recompute it — nothing is silently recomputed or reused.
+    - `vmap_size`: how many configurations of a chunk run side by side in one `jax.vmap`;
+      the groups run one after another in the same program (`jax.lax.map`), 1 meaning
+      plain runs in sequence. Default `None`: all of a chunk on accelerators and when
+      sharded over several devices (where it is always all); on one CPU device enough to
+      make a pass through the layers about 2¹⁹ multiply-adds, since XLA's batched matrix
+      products there are slower than plain ones for wide layers (1 for P = 64 and width
+      128) and faster for narrow ones. It changes only the summation order, like the device
+      count, so a rerun into the same `out` reuses chunks computed with another.
 
     **Returns:** a `SweepResult` with arrays `(len(depths), len(widths), len(seeds),
     len(lrs), T, ...)`.
@@ -375,6 +449,7 @@ def sweep(
     P, d = X.shape
     if not 0 <= max_padding:
         raise ValueError(f"`max_padding` must be ≥ 0, got {max_padding!r}.")
+    vmap_size = None if vmap_size is None else _positive_int("vmap_size", vmap_size)
     budget = _default_max_bytes() if max_bytes is None else int(max_bytes)
     devices = jax.devices()
     n_dev = len(devices)
@@ -388,13 +463,13 @@ def sweep(
     static = dict(steps=steps, engine=engine, record_every=record_every, observables=obs,
                   top_m=top_m, reference=reference)
 
-    def fn(nets, lrs):
-        return run_pairs_jit(nets, lrs, X, y, **static)
+    def fn(nets, lrs, batch_size):
+        return run_pairs_jit(nets, lrs, X, y, **static, batch_size=batch_size)
 
-    plans, struct_desc = [], []
+    plans, struct_desc, buckets = [], [], []
     for i, L in enumerate(depths):
         # Networks of one depth: those with equal static structure and similar widths (a
-        # bucket) share a vmap, zero-padded to the bucket's largest widths.
+        # bucket) share a program, zero-padded to the bucket's largest widths.
         kws, groups = [], {}
         for w, a in enumerate(arch[i]):
             kw = structure_kwargs(structure, d, a)
@@ -406,25 +481,34 @@ def sweep(
         for same in groups.values():
             for members, pad_to in width_buckets([arch[i][w] for w in same], d, max_padding):
                 ws = [same[m] for m in members]
-                stacked = _build_nets(seeds, d, tuple(arch[i][w] for w in ws),
-                                      tuple(kws[w] for w in ws), out_dim, parametrization,
-                                      X.dtype, pad_to)  # (W, S, ...)
-                one = jax.tree.map(lambda a: np.asarray(a)[:1, 0], stacked)
-                key = (repr(jax.tree.map(lambda a: (a.shape, a.dtype), (one, X, y))),
-                       repr(sorted((k, repr(v)) for k, v in static.items())))
-                if key not in _COST:  # measured once per program, like its compilation
-                    _COST[key] = working_bytes(run_pairs, one, lrs_arr[:1], X, y, **static)
-                per = _COST[key]
-                if per > budget:
-                    raise ValueError(
-                        f"one configuration at depth {L} (widths {pad_to}) needs about "
-                        f"{per:,} bytes, above max_bytes = {budget:,}; reduce P, the widths, "
-                        "or the recorded observables."
-                    )
-                chunk = max(1, min(len(ws) * n_sr, budget // per))
-                chunk = -(-chunk // n_dev) * n_dev if chunk >= n_dev else n_dev  # whole devices
-                parts.append((len(parts), ws, stacked, pad_to, chunk))
+                parts.append([len(parts), ws, None, pad_to, None])
+                buckets.append((tuple(arch[i][w] for w in ws), tuple(kws[w] for w in ws),
+                                pad_to))
         plans.append(parts)
+    built = iter(_build_nets(seeds, d, buckets, out_dim, parametrization, X.dtype))
+    for i, L in enumerate(depths):
+        for part in plans[i]:
+            ws, pad_to = part[1], part[3]
+            part[2] = stacked = next(built)  # (W, S, ...)
+            one = jax.tree.map(lambda a: np.asarray(a)[:1, 0], stacked)
+            key = (repr(jax.tree.map(lambda a: (a.shape, a.dtype), (one, X, y))),
+                   repr(sorted((k, repr(v)) for k, v in static.items())))
+            if key not in _COST:  # measured once per program, like its compilation
+                _COST[key] = working_bytes(run_pairs, one, lrs_arr[:1], X, y, **static)
+            per = _COST[key]
+            if per > budget:
+                raise ValueError(
+                    f"one configuration at depth {L} (widths {pad_to}) needs about "
+                    f"{per:,} bytes, above max_bytes = {budget:,}; reduce P, the widths, "
+                    "or the recorded observables."
+                )
+            chunk = max(1, min(len(ws) * n_sr, budget // per))
+            chunk = -(-chunk // n_dev) * n_dev if chunk >= n_dev else n_dev  # whole devices
+            k = _vmap_size(P, d, pad_to, devices) if vmap_size is None or n_dev > 1 else vmap_size
+            if k < chunk:  # chunks of whole groups of k (no program for a remainder)
+                chunk -= chunk % k
+            part[4] = chunk
+            part.append(functools.partial(fn, batch_size=None if k >= chunk else k))
 
     # What the results depend on (not the chunking): the fingerprint of the chunk files.
     config = dict(widths=[list(a) for row in arch for a in row], depths=[int(L) for L in depths],
@@ -453,7 +537,7 @@ def sweep(
     per_depth = []
     for i, L in enumerate(depths):
         merged = {}
-        for g, ws, nets, pad_to, chunk in plans[i]:
+        for g, ws, nets, pad_to, chunk, run in plans[i]:
             n = len(ws) * n_sr
             grid = np.stack(np.unravel_index(np.arange(n), (len(ws), len(seeds),
                                                             len(lr_values))), axis=1)
@@ -464,7 +548,7 @@ def sweep(
                 fill = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx), 0)])
                 # Gathered in NumPy: an eager gather would compile once per leaf shape.
                 batch = jax.tree.map(lambda a: np.asarray(a)[fill[:, 0], fill[:, 1]], nets)
-                done = _run_chunk(fn, batch, lr_np[fill[:, 2]], sharding)
+                done = _run_chunk(run, batch, lr_np[fill[:, 2]], sharding)
                 done = {key: v[: len(idx)] for key, v in done.items()}
                 if out is not None:
                     meta = dict(
