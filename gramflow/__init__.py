@@ -67,6 +67,8 @@ from .dynamics.observables import (
 )
 from .dynamics.observables import (
     ConditionNumber as ConditionNumber,
+)
+from .dynamics.observables import (
     CrossKernel as CrossKernel,
 )
 from .dynamics.observables import (
@@ -95,10 +97,20 @@ from .dynamics.observables import (
 )
 from .dynamics.observables import (
     Residual as Residual,
+)
+from .dynamics.observables import (
     Spectators as Spectators,
+)
+from .dynamics.observables import (
     TestAlignment as TestAlignment,
+)
+from .dynamics.observables import (
     TestError as TestError,
+)
+from .dynamics.observables import (
     TestLoss as TestLoss,
+)
+from .dynamics.observables import (
     TestOutput as TestOutput,
 )
 from .dynamics.observables import (
@@ -177,11 +189,15 @@ from .fields.verify import VerificationReport as VerificationReport
 from .fields.verify import verify as verify
 from .model.layer import Layer as Layer
 from .model.layer import LayerParams as LayerParams
-from .model.network import ReLUNet as ReLUNet, trainable as trainable
-from .model.network import gamma0 as gamma0, natural_lr as natural_lr
+from .model.network import ReLUNet as ReLUNet
+from .model.network import gamma0 as gamma0
+from .model.network import natural_lr as natural_lr
+from .model.network import trainable as trainable
 from .studies.closure import CLOSURES as CLOSURES
 from .studies.closure import ClosureStudy as ClosureStudy
 from .studies.closure import closure_engine as closure_engine
 from .studies.closure import closure_study as closure_study
 from .studies.data import load_digits as load_digits
 from .studies.data import teacher_student as teacher_student
+from .studies.limits import LimitStudy as LimitStudy
+from .studies.limits import limit_study as limit_study

@@ -201,3 +201,26 @@ def test_richness_knob_gamma0(getkey, parametrization):
                    gf.natural_lr(base) * gf.collective_kernel(base, X)) <= 1e-12
     with pytest.raises(ValueError, match="gamma0"):
         gf.ReLUNet.init(key, 3, (4,), gamma0=0.0)
+
+
+def test_limit_study_measures_what_it_says(getkey):
+    X, y = gf.teacher_student(getkey(), samples=16, in_dim=3, dtype=jnp.float64)
+    st = gf.limit_study(X[:10], y[:10], X[10:], y[10:], widths=(8, 16), seeds=(0,),
+                        settings=(("ntk", 1.0),), steps=4, progress=False)
+    assert st.kernel_distance.shape == (1, 2, 1, 3) and st.test_loss.shape == (1, 2, 1)
+    # One entry recomputed from the public functions it is made of.
+    net = gf.ReLUNet.init(jax.random.key(0), 3, (16, 16), parametrization="ntk",
+                          dtype=jnp.float64)
+    lim, fin = gf.limit_kernels(net, X[:10]), gf.layer_kernels(net, X[:10])
+    assert rel_err(st.kernel_distance[0, 1, 0, 0],
+                   rel_err(fin.K[0], lim.K[0])) <= 1e-12
+    lr = gf.natural_lr(net, 0.5)
+    lazy = gf.lazy_predictions(fin.total, y[:10], net(X[:10]), lr=lr, steps=4,
+                               K_test=gf.collective_kernel(net, X[10:], X[:10]),
+                               f0_test=net(X[10:]))
+    assert rel_err(st.lazy_own[0, 1, 0], 0.5 * jnp.sum((lazy.test[-1] - y[10:]) ** 2)) <= 1e-12
+    trained = gf.simulate(net, X[:10], y[:10], steps=4, lr=lr).final
+    assert rel_err(st.test_loss[0, 1, 0], 0.5 * jnp.sum((trained(X[10:]) - y[10:]) ** 2)) <= 1e-12
+    slopes = st.slopes()
+    assert slopes["kernel_distance"].shape == (1, 3) and np.all(np.isfinite(slopes["kernel_drift"]))
+    assert "log-log slope" in st.table()
