@@ -145,7 +145,9 @@ def _check_state(state, expected):
 
 
 def _build(net, X, y, engine, reference_engine, lr, continuous, test=None):
-    run = engine.build(net, X, y, lr, continuous=continuous, test=test)
+    # `test` only when given: engines written before test sites existed keep working.
+    extra = {} if test is None else {"test": test}
+    run = engine.build(net, X, y, lr, continuous=continuous, **extra)
     if reference_engine is None:
         return run
     return Paired(run, reference_engine.build(net, X, y, lr, continuous=continuous))
