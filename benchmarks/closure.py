@@ -54,7 +54,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)  # a benchmark script is a top-level program
     if args.quick:
-        depths, widths, seeds, args.steps, args.samples = (1, 2), (8, 12), (0,), 40, 12
+        # one depth (with transport) and one width bucket: every closure, few programs
+        depths, widths, seeds, args.steps, args.samples = (2,), (8, 12), (0,), 40, 12
     else:
         depths, widths, seeds = (1, 2, 3, 4), (32, 128, 512), (0, 1, 2)
     X, y = gf.teacher_student(jax.random.key(0), samples=args.samples, in_dim=8)

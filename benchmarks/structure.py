@@ -142,8 +142,8 @@ def main(argv=None):
     datasets = args.datasets.split(",")
     jax.config.update("jax_enable_x64", True)
     X, y = gf.teacher_student(jax.random.key(0), samples=24 if args.quick else 64, in_dim=8)
-    if args.quick:  # two structures: every code path, a fraction of the compile time
-        agreement(X[:12], y[:12], width=6, depth=3, names=("plain", "both"))
+    if args.quick:  # one structure with every term (mask, gain, skip): a fraction of the compile
+        agreement(X[:12], y[:12], width=6, depth=3, names=("both",))
         # The two forms of the masked kernel (few large blocks, many small ones).
         kernel_cost(P=64, width=32, depth=2, repeats=3, kinds=("block-diagonal 4", "random 10%"))
         both = {"both": default_structures()["both"]}
