@@ -91,8 +91,11 @@ def test_one_layer_collective_carries_no_weights(getkey, P, d):
     assert rel_err(traj.final.weights[0], ws[0]) <= 1e-12
 
 
-@pytest.mark.parametrize("out_dim", [None, 2])
-@pytest.mark.parametrize("P,widths", [(12, (16, 12, 10)), (40, (8, 6, 5))])  # both orders (I6)
+# Two shapes, P below and above the widths (which side of a Gram product is contracted first
+# depends on P and the widths (I6), not on the output dimension): scalar and vector output at
+# the first, the vector output at the second.
+@pytest.mark.parametrize("P,widths,out_dim", [(12, (16, 12, 10), None), (12, (16, 12, 10), 2),
+                                              (40, (8, 6, 5), 2)])
 def test_three_layer_collective_equals_weights(getkey, out_dim, P, widths):
     """(I8): the exact discrete maps in field form reproduce gradient descent."""
     net, X, y = _task(getkey(), 3, widths, out_dim=out_dim, P=P)
