@@ -28,11 +28,11 @@ def pad_network(net: ReLUNet, widths: Sequence[int]) -> ReLUNet:
     if tuple(widths) == net.widths:
         return net
     weights, fan_in = [], net.in_dim
-    for W, n in zip(net.weights, widths):
-        weights.append(jnp.zeros((n, fan_in), W.dtype).at[: W.shape[0], : W.shape[1]].set(W))
+    for W, n in zip(net.weights, widths):  # (`jnp.pad`: a scatter would compile slower)
+        weights.append(jnp.pad(W, ((0, n - W.shape[0]), (0, fan_in - W.shape[1]))))
         fan_in = n
     a = net.readout
-    readout = jnp.zeros((widths[-1], *a.shape[1:]), a.dtype).at[: a.shape[0]].set(a)
+    readout = jnp.pad(a, ((0, widths[-1] - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
     masks = None if net.masks is None else tuple(
         None if m is None else m.padded(w.shape) for m, w in zip(net.masks, weights))
     return ReLUNet(weights, readout, net.scales, net.parametrization, masks=masks,
@@ -198,12 +198,47 @@ def working_bytes(fn, *args, **kwargs) -> int:
     return ends + 4 * largest
 
 
-def _eval_jaxpr(jaxpr, consts, args, random_bits, eager=False):
+class _Prefix:
+    """An array of shape `shape` held as the first `prod(shape)` entries of the 1-D `flat`:
+    what a random draw and the elementwise operations on it give (`_eval_jaxpr`), computed
+    on `flat`, so that draws of one key share them."""
+
+    __slots__ = ("flat", "shape")
+
+    def __init__(self, flat, shape):
+        self.flat, self.shape = flat, tuple(shape)
+
+    def value(self):
+        return self.flat[: math.prod(self.shape)].reshape(self.shape)
+
+
+def _barrier(x):
+    """`x` (an array or a `_Prefix`) behind an optimization barrier if it is floating."""
+    if isinstance(x, _Prefix):
+        return _Prefix(_barrier(x.flat), x.shape)
+    return jax.lax.optimization_barrier(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+
+
+#: primitives that act entry by entry (on arrays of one shape, or with a scalar)
+_ELEMENTWISE = frozenset("""
+    abs add and bitcast_convert_type cbrt ceil clamp convert_element_type copy cos div eq
+    erf erf_inv erfc exp exp2 expm1 floor ge gt integer_pow is_finite le log log1p logistic
+    lt max min mul ne neg nextafter not or pow reduce_precision rem round rsqrt select_n
+    shift_left shift_right_arithmetic shift_right_logical sign sin sqrt square sub tan tanh
+    xor""".split())
+
+
+def _eval_jaxpr(jaxpr, consts, args, random_bits, eager=False, memo=None, top=True):
     """`jax.core.eval_jaxpr` with nested `jit` calls inlined and every `random_bits`
-    equation answered by `random_bits(key, bit_width, shape)`. `eager`: round every
-    equation's floating result as when it runs on its own (an optimization barrier after
-    each), so that XLA does not merge the constant factors of successive products."""
+    equation answered by `random_bits(key, bit_width, shape)`, which may return a `_Prefix`:
+    elementwise equations on it (with scalars) then act on its flat array, the others on
+    its value. `eager`: round every equation's floating result as when it runs on its own
+    (an optimization barrier after each), so that XLA does not merge the constant factors
+    of successive products. `memo`: a dict shared by the jaxprs of one trace, where an
+    equation met twice on the same values (each initializer splitting the same key) is
+    evaluated once."""
     env = {}
+    memo = {} if memo is None else memo
 
     def read(v):
         return v.val if isinstance(v, jex_core.Literal) else env[v]
@@ -213,21 +248,53 @@ def _eval_jaxpr(jaxpr, consts, args, random_bits, eager=False):
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         sub = eqn.params.get("jaxpr")
-        if eqn.primitive.name == "random_bits":
-            outs = [random_bits(invals[0], eqn.params["bit_width"], eqn.params["shape"])]
-        elif eqn.primitive.name in ("jit", "pjit") and isinstance(sub, jex_core.ClosedJaxpr):
-            outs = _eval_jaxpr(sub.jaxpr, sub.consts, invals, random_bits)
+        if eqn.primitive.name in ("jit", "pjit") and isinstance(sub, jex_core.ClosedJaxpr):
+            # (eagerly a nested jit compiles as one program: barriers only around it)
+            outs = _eval_jaxpr(sub.jaxpr, sub.consts, invals, random_bits, False, memo, False)
+            env.update((v, _barrier(x) if eager else x) for v, x in zip(eqn.outvars, outs)
+                       if not isinstance(v, jex_core.DropVar))
+            continue
+        prefixes = [x for x in invals if isinstance(x, _Prefix)]
+        shape = prefixes[0].shape if prefixes else None
+        lazy = prefixes and eqn.primitive.name in _ELEMENTWISE and all(
+            p.shape == shape and p.flat.shape == prefixes[0].flat.shape for p in prefixes
+        ) and all(isinstance(x, _Prefix) or np.size(x) == 1 for x in invals) and all(
+            tuple(v.aval.shape) == shape for v in eqn.outvars)
+        if lazy:
+            n = prefixes[0].flat.shape
+            invals = [x.flat if isinstance(x, _Prefix) else jnp.broadcast_to(
+                jnp.reshape(x, ()), n) for x in invals]
         else:
-            with eqn.ctx.manager:
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-        if eager:
-            outs = [jax.lax.optimization_barrier(x) if jnp.issubdtype(x.dtype, jnp.inexact)
-                    else x for x in outs]
+            invals = [x.value() if isinstance(x, _Prefix) else x for x in invals]
+        key = None
+        if not lazy and not any(isinstance(v, jex_core.Literal) for v in eqn.invars):
+            key = (eqn.primitive, tuple(sorted(eqn.params.items())), tuple(map(id, invals)),
+                   eager)
+            try:
+                hash(key)
+            except TypeError:
+                key = None
+        if key is not None and key in memo:
+            outs = memo[key][1]
+        else:
+            if eqn.primitive.name == "random_bits":
+                outs = [random_bits(invals[0], eqn.params["bit_width"], eqn.params["shape"])]
+            else:
+                with eqn.ctx.manager:
+                    outs = eqn.primitive.bind(*invals,
+                                              **eqn.primitive.get_bind_params(eqn.params))
+                if not eqn.primitive.multiple_results:
+                    outs = [outs]
+            if eager:
+                outs = [_barrier(x) for x in outs]
+            if lazy:
+                outs = [_Prefix(x, shape) for x in outs]
+            if key is not None:
+                memo[key] = invals, outs  # (the inputs kept alive: their ids stay theirs)
         env.update((v, x) for v, x in zip(eqn.outvars, outs)
                    if not isinstance(v, jex_core.DropVar))
-    return [read(v) for v in jaxpr.outvars]
+    outs = [read(v) for v in jaxpr.outvars]
+    return [x.value() if top and isinstance(x, _Prefix) else x for x in outs]
 
 
 def flat_random_bits() -> bool:
@@ -255,41 +322,48 @@ def vmap_keys(fns: Sequence[Callable], key_data) -> list:
         return [jax.vmap(lambda k, fn=fn: fn(wrap(k)))(key_data) for fn in fns]
     one = wrap(key_data[0])
     traced = [jax.make_jaxpr(fn, return_shape=True)(one) for fn in fns]
-    draws = []  # (bit_width, shape) of each draw, in the order the jaxprs make them
+    draws = []  # per draw, in the order the jaxprs make them: (its key's index, width, shape)
+    widths = []  # per distinct key: the bit width of its draws
 
     def keys_of_draws(k):  # pass 1: every eqn but the draws (those feeding only draws die)
-        found = []
+        found, index = [], {}
 
         def record(key, bit_width, shape):
-            found.append(jax.random.key_data(key))
-            draws.append((bit_width, shape))
+            if (id(key), bit_width) not in index:  # draws of one key: prefixes of one draw
+                index[id(key), bit_width] = len(found)
+                found.append((key, jax.random.key_data(key)))
+                widths.append(bit_width)
+            draws.append((index[id(key), bit_width], bit_width, shape))
             return jnp.zeros(shape, f"uint{bit_width}")
 
+        memo, key = {}, wrap(k)
         for closed, _ in traced:
-            _eval_jaxpr(closed.jaxpr, closed.consts, [wrap(k)], record)
-        return found
+            _eval_jaxpr(closed.jaxpr, closed.consts, [key], record, memo=memo)
+        return [data for _, data in found]
 
-    found = jax.lax.map(keys_of_draws, key_data)  # per draw, (S, ...) key data
+    found = jax.lax.map(keys_of_draws, key_data)  # per distinct key, (S, ...) key data
     if not found:
         return [jax.vmap(lambda k, fn=fn: fn(wrap(k)))(key_data) for fn in fns]
-    bits = [None] * len(draws)
-    for width in sorted({w for w, _ in draws}):  # pass 2: one flat draw per key
-        which = [i for i, (w, _) in enumerate(draws) if w == width]
-        n = max(math.prod(draws[i][1]) for i in which)
-        keys = jnp.stack([found[i] for i in which], 1)  # (S, D, ...)
+    bits = [None] * len(found)
+    for width in sorted(set(widths)):  # pass 2: one flat draw per key
+        which = [u for u, w in enumerate(widths) if w == width]
+        n = max(math.prod(shape) for u, w, shape in draws if w == width)
+        keys = jnp.stack([found[u] for u in which], 1)  # (S, U, ...)
         flat = jax.lax.map(lambda k, n=n, width=width: jax.random.bits(
             wrap(k), (n,), f"uint{width}"), keys.reshape(-1, *keys.shape[2:]))
-        for j, i in enumerate(which):
-            bits[i] = flat.reshape(keys.shape[0], len(which), n)[:, j]
+        for j, u in enumerate(which):
+            bits[u] = flat.reshape(keys.shape[0], len(which), n)[:, j]
 
-    def rest(k, bits):  # pass 3: everything, each draw a prefix of its flat draw
-        order = iter(range(len(draws)))
+    def rest(k, bits):  # pass 3: everything, each draw a prefix of its key's flat draw
+        order = iter(draws)
 
         def give(key, bit_width, shape):
-            return bits[next(order)][: math.prod(shape)].reshape(shape)
+            u, _, _ = next(order)
+            return _Prefix(bits[u], shape)
 
+        memo, key = {}, wrap(k)
         return [jax.tree.unflatten(jax.tree.structure(shape), _eval_jaxpr(
-            closed.jaxpr, closed.consts, [wrap(k)], give, eager=True))
+            closed.jaxpr, closed.consts, [key], give, eager=True, memo=memo))
                 for closed, shape in traced]
 
     return jax.vmap(rest)(key_data, bits)

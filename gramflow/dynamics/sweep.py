@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import equinox as eqx
 import jax
@@ -153,6 +154,34 @@ def _vmap_size(P, d, widths, devices) -> int:
     return 1 << max(0, math.floor(math.log2(2**19 / work)))
 
 
+class _Now:
+    """An executor that runs what it is given at once (one core: nothing to overlap)."""
+
+    def submit(self, fn, *args):
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as err:  # raised where the result is asked for, as a pool would
+            future.set_exception(err)
+        return future
+
+    def shutdown(self, **_):
+        pass
+
+
+def _compiler_pool(n_programs: int):
+    """Threads that compile a sweep's programs beside the thread that traces and runs them:
+    one per core but the caller's (XLA compiles, and runs, without holding Python's lock),
+    none on one core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    workers = min(n_programs, cores - 1)
+    return ThreadPoolExecutor(workers, thread_name_prefix="sweep-compile") if workers > 0 \
+        else _Now()
+
+
 def _default_max_bytes() -> int:
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
@@ -284,13 +313,28 @@ def _load_finished(directory, prefix, fingerprint, config, n):
 def _build_nets(seeds, d, buckets, out_dim, parametrization, dtype):
     """The networks of every bucket `(archs, kws, pad_to)` as NumPy leaves, `(W, S, ...)`:
     `ReLUNet.init(jax.random.key(seed), d, arch, ...)` for every architecture and seed,
-    zero-padded to `pad_to` (`pad_network`), bit for bit. All of them come from one compiled
-    program (`vmap_keys`: one threefry draw of one flat shape for every layer), kept for an
-    identical sweep; eagerly, each of the few random draws per shape would compile on its own,
-    the bulk of a first sweep's time."""
+    zero-padded to `pad_to` (`pad_network`), bit for bit (see `_build_nets_async`)."""
+    return [built() for _, built in _build_nets_async(seeds, d, buckets, out_dim,
+                                                      parametrization, dtype)]
+
+
+def _build_nets_async(seeds, d, buckets, out_dim, parametrization, dtype, pool=None):
+    """Per bucket, `(shapes, built)`: the `ShapeDtypeStruct`s of `_build_nets`'s networks,
+    known at once, and a function returning the networks. All of them come from one
+    compiled program (`vmap_keys`: one threefry draw of one flat shape for every layer),
+    kept for an identical sweep, compiled on `pool` (a thread pool) if given; eagerly, each
+    of the few random draws per shape would compile on its own, the bulk of a first sweep's
+    time."""
+    if not buckets:
+        return []
     if not flat_random_bits():  # another PRNG: eagerly, per configuration
-        return [_build_nets_eagerly(seeds, d, archs, kws, out_dim, parametrization, dtype,
-                                    pad_to) for archs, kws, pad_to in buckets]
+        out = []
+        for archs, kws, pad_to in buckets:
+            nets = _build_nets_eagerly(seeds, d, archs, kws, out_dim, parametrization, dtype,
+                                       pad_to)
+            out.append((jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nets),
+                        lambda nets=nets: nets))
+        return out
     key = (d, out_dim, parametrization, str(jnp.dtype(dtype)), len(seeds), repr([
         (archs, _describe(list(kws)), pad_to) for archs, kws, pad_to in buckets]))
     if key not in _BUILDERS:
@@ -311,13 +355,29 @@ def _build_nets(seeds, d, buckets, out_dim, parametrization, dtype):
         _BUILDERS[key] = program, statics
     program, statics = _BUILDERS[key]
     key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
-    built = iter(zip(program(key_data), statics))
-    out = []
+    traced = program.trace(key_data)  # (a second time: the trace is kept)
+    compiled = None if pool is None else pool.submit(traced.lower().compile)
+    done = []
+
+    def arrays():  # per architecture, (S, ...), with its static part
+        if not done:
+            if compiled is not None:
+                compiled.result()
+            done.append([jax.tree.map(np.asarray, a) for a in program(key_data)])
+        return done[0]
+
+    out, j = [], 0
     for archs, _, _ in buckets:
-        arrays = [next(built) for _ in archs]
-        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                               *[a for a, _ in arrays])
-        out.append(eqx.combine(stacked, arrays[0][1]))
+        js = range(j, j + len(archs))
+        j += len(archs)
+        shapes = eqx.combine(jax.tree.map(lambda a, W=len(archs): jax.ShapeDtypeStruct(
+            (W, *a.shape), a.dtype), traced.out_info[js[0]]), statics[js[0]])
+
+        def built(js=js):
+            parts = [arrays()[i] for i in js]
+            return eqx.combine(jax.tree.map(lambda *xs: np.stack(xs), *parts), statics[js[0]])
+
+        out.append((shapes, built))
     return out
 
 
@@ -457,8 +517,9 @@ def sweep(
     if n_dev > 1:
         mesh = jax.sharding.Mesh(np.array(devices), ("configs",))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("configs"))
-    lrs_arr = jnp.asarray(lr_values, X.dtype)
     lr_np = lr_values.astype(X.dtype)
+    # NumPy in, `device_put` out: `jnp.asarray` of a host array compiles a program per shape.
+    lrs_arr = jax.device_put(lr_np)
     n_sr = len(seeds) * len(lr_values)  # configurations per width
     static = dict(steps=steps, engine=engine, record_every=record_every, observables=obs,
                   top_m=top_m, reference=reference)
@@ -466,7 +527,7 @@ def sweep(
     def fn(nets, lrs, batch_size):
         return run_pairs_jit(nets, lrs, X, y, **static, batch_size=batch_size)
 
-    plans, struct_desc, buckets = [], [], []
+    plans, struct_desc = [], []
     for i, L in enumerate(depths):
         # Networks of one depth: those with equal static structure and similar widths (a
         # bucket) share a program, zero-padded to the bucket's largest widths.
@@ -481,35 +542,9 @@ def sweep(
         for same in groups.values():
             for members, pad_to in width_buckets([arch[i][w] for w in same], d, max_padding):
                 ws = [same[m] for m in members]
-                parts.append([len(parts), ws, None, pad_to, None])
-                buckets.append((tuple(arch[i][w] for w in ws), tuple(kws[w] for w in ws),
-                                pad_to))
+                parts.append([len(parts), ws, (tuple(arch[i][w] for w in ws),
+                                                tuple(kws[w] for w in ws), pad_to), pad_to, None])
         plans.append(parts)
-    built = iter(_build_nets(seeds, d, buckets, out_dim, parametrization, X.dtype))
-    for i, L in enumerate(depths):
-        for part in plans[i]:
-            ws, pad_to = part[1], part[3]
-            part[2] = stacked = next(built)  # (W, S, ...)
-            one = jax.tree.map(lambda a: np.asarray(a)[:1, 0], stacked)
-            key = (repr(jax.tree.map(lambda a: (a.shape, a.dtype), (one, X, y))),
-                   repr(sorted((k, repr(v)) for k, v in static.items())))
-            if key not in _COST:  # measured once per program, like its compilation
-                _COST[key] = working_bytes(run_pairs, one, lrs_arr[:1], X, y, **static)
-            per = _COST[key]
-            if per > budget:
-                raise ValueError(
-                    f"one configuration at depth {L} (widths {pad_to}) needs about "
-                    f"{per:,} bytes, above max_bytes = {budget:,}; reduce P, the widths, "
-                    "or the recorded observables."
-                )
-            chunk = max(1, min(len(ws) * n_sr, budget // per))
-            chunk = -(-chunk // n_dev) * n_dev if chunk >= n_dev else n_dev  # whole devices
-            k = _vmap_size(P, d, pad_to, devices) if vmap_size is None or n_dev > 1 else vmap_size
-            if k < chunk:  # chunks of whole groups of k (no program for a remainder)
-                chunk -= chunk % k
-            part[4] = chunk
-            part.append(functools.partial(fn, batch_size=None if k >= chunk else k))
-
     # What the results depend on (not the chunking): the fingerprint of the chunk files.
     config = dict(widths=[list(a) for row in arch for a in row], depths=[int(L) for L in depths],
                   seeds=list(seeds), lrs=lr_values.tolist(), steps=steps, engine=repr(engine),
@@ -532,45 +567,93 @@ def sweep(
             covered = [index for index, _ in finished[i, g]]
             todo[i, g] = np.setdiff1d(np.arange(n), np.concatenate(covered) if covered else [])
 
-    chunks = {(i, part[0]): part[4] for i in range(len(depths)) for part in plans[i]}
-    bar = _progress(sum(-(-len(t) // chunks[key]) for key, t in todo.items()), progress)
-    per_depth = []
-    for i, L in enumerate(depths):
-        merged = {}
-        for g, ws, nets, pad_to, chunk, run in plans[i]:
-            n = len(ws) * n_sr
-            grid = np.stack(np.unravel_index(np.arange(n), (len(ws), len(seeds),
-                                                            len(lr_values))), axis=1)
-            pieces = finished[i, g]
-            for start in range(0, len(todo[i, g]), chunk):
-                index = todo[i, g][start:start + chunk]
-                idx = grid[index]
-                fill = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx), 0)])
-                # Gathered in NumPy: an eager gather would compile once per leaf shape.
-                batch = jax.tree.map(lambda a: np.asarray(a)[fill[:, 0], fill[:, 1]], nets)
-                done = _run_chunk(run, batch, lr_np[fill[:, 2]], sharding)
-                done = {key: v[: len(idx)] for key, v in done.items()}
-                if out is not None:
-                    meta = dict(
-                        fingerprint=fingerprint, depth=int(L), group=g, index=index.tolist(),
-                        configs=[dict(width=list(arch[i][ws[w]]), seed=seeds[s],
-                                      lr=float(lr_values[r])) for w, s, r in idx],
-                        config=config, gramflow=__version__, jax=jax.__version__,
-                    )
-                    _atomic_save(out, f"depth{L}_group{g}_configs{index[0]:05d}", done, meta)
-                pieces.append((index, done))
-                bar.update(1)
-            for key, first in pieces[0][1].items():
-                v = np.empty((n,) + first.shape[1:], first.dtype)
-                for index, done in pieces:
-                    v[index] = done[key]
-                merged.setdefault(key, []).append(
-                    (ws, v.reshape((len(ws), len(seeds), len(lr_values)) + v.shape[1:])))
-        per_depth.append({key: _assemble(parts, len(widths)) for key, parts in merged.items()})
-    bar.close()
+    # Only the buckets with configurations left to run need networks and programs. Their
+    # programs (the network builder, one per bucket) are traced and lowered here and compiled
+    # on other cores (`_compiler_pool`), while this thread traces the next one and runs those
+    # that are ready; a call finds its program compiled.
+    live = [(i, part) for i in range(len(depths)) for part in plans[i] if len(todo[i, part[0]])]
+    pool = _compiler_pool(len(live) + 1)
+    try:
+        nets_of = _build_nets_async(seeds, d, [part[2] for _, part in live], out_dim,
+                                    parametrization, X.dtype, pool)
+        ready = {}
+        for (i, part), (shapes, built) in zip(live, nets_of):
+            L, ws, pad_to = depths[i], part[1], part[3]
+            part[2] = built  # () -> the stacked networks, (W, S, ...)
+            one = jax.tree.map(lambda a: np.zeros((1, *a.shape[2:]), a.dtype), shapes)
+            key = (repr(jax.tree.map(lambda a: (a.shape, a.dtype), (one, X, y))),
+                   repr(sorted((k, repr(v)) for k, v in static.items())))
+            if key not in _COST:  # measured once per program, like its compilation
+                _COST[key] = working_bytes(run_pairs, one, lr_np[:1], X, y, **static)
+            per = _COST[key]
+            if per > budget:
+                raise ValueError(
+                    f"one configuration at depth {L} (widths {pad_to}) needs about "
+                    f"{per:,} bytes, above max_bytes = {budget:,}; reduce P, the widths, "
+                    "or the recorded observables."
+                )
+            chunk = max(1, min(len(ws) * n_sr, budget // per))
+            chunk = -(-chunk // n_dev) * n_dev if chunk >= n_dev else n_dev  # whole devices
+            k = _vmap_size(P, d, pad_to, devices) if vmap_size is None or n_dev > 1 else vmap_size
+            if k < chunk:  # chunks of whole groups of k (no program for a remainder)
+                chunk -= chunk % k
+            part[4] = chunk
+            part.append(functools.partial(fn, batch_size=None if k >= chunk else k))
+            if sharding is None:  # (sharded, the program depends on the inputs' placement)
+                zeros = jax.tree.map(lambda a: np.zeros((chunk, *a.shape[2:]), a.dtype), shapes)
+                lowered = run_pairs_jit.lower(zeros, np.zeros(chunk, lr_np.dtype), X, y,
+                                              **static, batch_size=part[5].keywords["batch_size"])
+                ready[i, part[0]] = pool.submit(lowered.compile)
+
+        chunks = {(i, part[0]): part[4] for i, part in live}
+        bar = _progress(sum(-(-len(todo[key]) // chunks[key]) for key in chunks), progress)
+        per_depth = []
+        for i, L in enumerate(depths):
+            merged = {}
+            for part in plans[i]:
+                g, ws = part[0], part[1]
+                n = len(ws) * n_sr
+                grid = np.stack(np.unravel_index(np.arange(n), (len(ws), len(seeds),
+                                                                len(lr_values))), axis=1)
+                pieces, chunk = finished[i, g], 1
+                if len(todo[i, g]):
+                    nets, chunk, run = part[2](), part[4], part[5]
+                    if (i, g) in ready:
+                        ready[i, g].result()  # compiled (or raises what compiling raised)
+                for start in range(0, len(todo[i, g]), chunk):
+                    index = todo[i, g][start:start + chunk]
+                    idx = grid[index]
+                    fill = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx), 0)])
+                    # Gathered in NumPy: an eager gather would compile once per leaf shape.
+                    batch = jax.tree.map(lambda a, f=fill: a[f[:, 0], f[:, 1]], nets)
+                    done = _run_chunk(run, batch, lr_np[fill[:, 2]], sharding)
+                    done = {key: v[: len(idx)] for key, v in done.items()}
+                    if out is not None:
+                        meta = dict(
+                            fingerprint=fingerprint, depth=int(L), group=g,
+                            index=index.tolist(),
+                            configs=[dict(width=list(arch[i][ws[w]]), seed=seeds[s],
+                                          lr=float(lr_values[r])) for w, s, r in idx],
+                            config=config, gramflow=__version__, jax=jax.__version__,
+                        )
+                        _atomic_save(out, f"depth{L}_group{g}_configs{index[0]:05d}", done,
+                                     meta)
+                    pieces.append((index, done))
+                    bar.update(1)
+                for key, first in pieces[0][1].items():
+                    v = np.empty((n,) + first.shape[1:], first.dtype)
+                    for index, done in pieces:
+                        v[index] = done[key]
+                    merged.setdefault(key, []).append(
+                        (ws, v.reshape((len(ws), len(seeds), len(lr_values)) + v.shape[1:])))
+            per_depth.append({key: _assemble(parts, len(widths))
+                              for key, parts in merged.items()})
+        bar.close()
+    finally:  # what is still compiling is not needed any more (an error, an interruption)
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def stack(key):  # over depths, each observable's shape from what it returned
-        return jnp.asarray(_assemble([([i], a[None]) for i, a in
+        return jax.device_put(_assemble([([i], a[None]) for i, a in
                                       enumerate(d[key] for d in per_depth)], len(depths)))
 
     keys = [key for key in per_depth[0] if key not in ("loss", "first_nonfinite", "step")]
@@ -581,7 +664,7 @@ def sweep(
         loss=stack("loss"),
         observables={key: stack(key) for key in keys},
         first_nonfinite=stack("first_nonfinite"),
-        step=jnp.asarray(per_depth[0]["step"].reshape(-1, per_depth[0]["step"].shape[-1])[0]),
+        step=jax.device_put(per_depth[0]["step"].reshape(-1, per_depth[0]["step"].shape[-1])[0]),
         lrs=lrs_arr,
         depths=depths,
         widths=widths,
