@@ -5,9 +5,11 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+import gramflow as gf
 from gramflow.cli.main import main
 
 
@@ -54,6 +56,14 @@ def test_simulate_from_flags_and_toml(tmp_path, capsys):
                  "--out", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["closure_error_max"] < 1e-10 and summary["loss_end"] < summary["loss_start"]
+    # Every results file says what produced it and names the axes of every array.
+    assert summary["versions"]["gramflow"] == gf.__version__ and summary["dtype"] == "float64"
+    assert summary["versions"]["jax"] == jax.__version__
+    with np.load(out / "results.npz") as data:
+        assert set(data.files) == set(summary["dims"])
+        for name in data.files:
+            assert len(summary["dims"][name]) == data[name].ndim, name
+    assert summary["dims"]["r"] == ["record", "sample"]
     config = tmp_path / "run.toml"
     config.write_text('depth = 1\nwidth = 6\nsamples = 10\nsteps = 10\nengine = "weights"\n'
                       f'reference = "none"\nout = "{tmp_path / "toml"}"\n')
@@ -70,8 +80,13 @@ def test_sweep_from_flags(tmp_path):
     out = tmp_path / "sw"
     assert main(["sweep", "--depths", "1", "2", "--widths", "4", "8", "--seeds", "0", "--lrs",
                  "0.05", "--steps", "10", "--samples", "10", "--out", str(out)]) == 0
+    meta = json.loads((out / "results.json").read_text())
     with np.load(out / "results.npz") as data:
         assert data["loss"].shape[:4] == (2, 2, 1, 1)
+        assert set(data.files) == set(meta["dims"])
+        for name in data.files:
+            assert len(meta["dims"][name]) == data[name].ndim, name
+    assert meta["versions"]["gramflow"] == gf.__version__ and meta["dtype"] == "float64"
     assert list((out / "chunks").glob("*.json"))
 
 
@@ -91,6 +106,14 @@ def test_structured_networks_from_the_command_line(tmp_path, capsys):
                  "--samples", "12", "--steps", "15", "--out", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["closure_error_max"] < 1e-10 and summary["loss_end"] < summary["loss_start"]
+    # Every results file says what produced it and names the axes of every array.
+    assert summary["versions"]["gramflow"] == gf.__version__ and summary["dtype"] == "float64"
+    assert summary["versions"]["jax"] == jax.__version__
+    with np.load(out / "results.npz") as data:
+        assert set(data.files) == set(summary["dims"])
+        for name in data.files:
+            assert len(summary["dims"][name]) == data[name].ndim, name
+    assert summary["dims"]["r"] == ["record", "sample"]
     assert main(["sweep", "--structure", "pathways", "--depths", "2", "--widths", "8",
                  "--seeds", "0", "--lrs", "0.05", "--steps", "5", "--samples", "10",
                  "--out", str(tmp_path / "sw")]) == 0

@@ -307,7 +307,8 @@ def _simulate(args) -> int:
     arrays.update({k: np.asarray(v) for k, v in traj.observables.items()})
     np.savez(os.path.join(out, "results.npz"), **arrays)
     summary = dict(config={**c, "lr": lr}, loss_start=float(traj.loss[0]),
-                   loss_end=float(traj.loss[-1]), first_nonfinite=int(traj.first_nonfinite))
+                   loss_end=float(traj.loss[-1]), first_nonfinite=int(traj.first_nonfinite),
+                   **_provenance(X, _simulate_dims(arrays, c, traj.engine)))
     if "closure_error" in traj.observables:
         summary["closure_error_max"] = float(np.max(traj.observables["closure_error"]))
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -320,6 +321,25 @@ def _simulate(args) -> int:
                                      f"{c['engine']}")
     print(f"wrote results to {out}")
     return 0
+
+
+def _provenance(X, dims) -> dict:
+    """What every results file records beside the configuration: versions, dtype, the
+    dimension names of each array."""
+    from .._version import versions
+
+    return dict(versions=versions(), dtype=str(X.dtype), dims=dims)
+
+
+def _simulate_dims(arrays, c, engine) -> dict:
+    from ..dynamics.observables import dims_of, resolve
+
+    objs = resolve(c["observables"], fields=engine.carries_fields, top_m=5)
+    dims = {"loss": ["record"], "step": ["record"]}
+    for name, value in arrays.items():
+        if name not in dims:
+            dims[name] = ["record", *dims_of(name, objs.get(name), value.ndim - 1)]
+    return dims
 
 
 SWEEP_DEFAULTS = dict(data="teacher", samples=64, depths=[1, 2], widths=[32, 128],
@@ -355,8 +375,11 @@ def _sweep(args) -> int:
                               for r, lr in enumerate(np.asarray(res.lrs)))
             print(f"  L = {L}, width {w}: {cells}")
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dict(config=c, final_loss=final.tolist(),
-                       shape="(depth, width, seed, lr, T)"), f, indent=1)
+        dims = {"loss": ["depth", "width", "seed", "lr", "record"],
+                "first_nonfinite": ["depth", "width", "seed", "lr"], "step": ["record"],
+                **{k: list(v) for k, v in res.dims.items()}}
+        json.dump(dict(config=c, final_loss=final.tolist(), final_loss_dims=[
+            "depth", "width", "lr"], **_provenance(X, dims)), f, indent=1)
     if _figures_available():
         from ..studies.plots import sweep_figure
 
