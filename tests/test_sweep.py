@@ -72,6 +72,17 @@ def test_networks_are_built_as_init_and_pad_build_them(data):
                     assert np.array_equal(a, b)
 
 
+def test_builder_without_its_compiler_options(data, monkeypatch):
+    """An XLA that does not know the builder's compiler options: built without them."""
+    X, y = data
+    kw = dict(widths=(3, 5), depths=(1,), seeds=(0, 1), lrs=(0.1,), steps=3, progress=False)
+    reference = gf.sweep(X, y, **kw)
+    monkeypatch.setattr(sweep_module, "_BUILDER_OPTIONS", {"cpu": {"xla_no_such_option": 1}})
+    monkeypatch.setattr(sweep_module, "_BUILDERS", {})
+    assert np.array_equal(gf.sweep(X, y, **kw).loss, reference.loss)
+    assert sweep_module._BUILDER_OPTIONS == {}
+
+
 @pytest.mark.parametrize("vmap_size", [1, 3])
 def test_configurations_in_sequence_change_nothing(data, vmap_size):
     """`vmap_size`: configurations side by side in one vmap, the rest one after another; the

@@ -220,12 +220,13 @@ def _barrier(x):
 
 
 #: primitives that act entry by entry (on arrays of one shape, or with a scalar)
-_ELEMENTWISE = frozenset("""
-    abs add and bitcast_convert_type cbrt ceil clamp convert_element_type copy cos div eq
-    erf erf_inv erfc exp exp2 expm1 floor ge gt integer_pow is_finite le log log1p logistic
-    lt max min mul ne neg nextafter not or pow reduce_precision rem round rsqrt select_n
-    shift_left shift_right_arithmetic shift_right_logical sign sin sqrt square sub tan tanh
-    xor""".split())
+_ELEMENTWISE = frozenset((
+    "abs", "add", "and", "bitcast_convert_type", "cbrt", "ceil", "clamp",
+    "convert_element_type", "copy", "cos", "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2",
+    "expm1", "floor", "ge", "gt", "integer_pow", "is_finite", "le", "log", "log1p", "logistic",
+    "lt", "max", "min", "mul", "ne", "neg", "nextafter", "not", "or", "pow", "reduce_precision",
+    "rem", "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic",
+    "shift_right_logical", "sign", "sin", "sqrt", "square", "sub", "tan", "tanh", "xor"))
 
 
 def _eval_jaxpr(jaxpr, consts, args, random_bits, eager=False, memo=None, top=True):

@@ -159,10 +159,7 @@ class _Now:
 
     def submit(self, fn, *args):
         future = Future()
-        try:
-            future.set_result(fn(*args))
-        except Exception as err:  # raised where the result is asked for, as a pool would
-            future.set_exception(err)
+        future.set_result(fn(*args))
         return future
 
     def shutdown(self, **_):
@@ -348,29 +345,34 @@ def _build_nets_async(seeds, d, buckets, out_dim, parametrization, dtype, pool=N
             arrays, statics[j] = eqx.partition(net, eqx.is_array)
             return arrays
 
+        options = _BUILDER_OPTIONS.get(jax.devices()[0].platform)
         program = jax.jit(lambda key_data: vmap_keys(
-            [functools.partial(init, j) for j in range(len(inits))], key_data))
+            [functools.partial(init, j) for j in range(len(inits))], key_data),
+            **({} if options is None else {"compiler_options": options}))
         while len(_BUILDERS) >= 16:
             _BUILDERS.pop(next(iter(_BUILDERS)))
         _BUILDERS[key] = program, statics
     program, statics = _BUILDERS[key]
     key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
     traced = program.trace(key_data)  # (a second time: the trace is kept)
-    compiled = None if pool is None else pool.submit(traced.lower().compile)
+    compiled = (pool or _Now()).submit(_compile_builder, traced)
     done = []
 
-    def arrays():  # per architecture, (S, ...), with its static part
+    def arrays():  # per architecture, (S, ...)
         if not done:
-            if compiled is not None:
-                compiled.result()
-            done.append([jax.tree.map(np.asarray, a) for a in program(key_data)])
+            run = program
+            if not compiled.result():  # this XLA lacks the options: without them
+                _BUILDER_OPTIONS.clear()
+                run = jax.jit(program.__wrapped__)
+                _BUILDERS[key] = run, statics
+            done.append([jax.tree.map(np.asarray, a) for a in run(key_data)])
         return done[0]
 
     out, j = [], 0
     for archs, _, _ in buckets:
-        js = range(j, j + len(archs))
-        j += len(archs)
-        shapes = eqx.combine(jax.tree.map(lambda a, W=len(archs): jax.ShapeDtypeStruct(
+        js, W = range(j, j + len(archs)), len(archs)
+        j += W
+        shapes = eqx.combine(jax.tree.map(lambda a, W=W: jax.ShapeDtypeStruct(
             (W, *a.shape), a.dtype), traced.out_info[js[0]]), statics[js[0]])
 
         def built(js=js):
@@ -394,6 +396,22 @@ def _build_nets_eagerly(seeds, d, archs, kws, out_dim, parametrization, dtype, p
 
 
 _BUILDERS: dict = {}  # the compiled network builders of recent sweeps, by configuration
+
+#: XLA options of the network builder, per platform: it runs for milliseconds, and on CPU
+#: XLA's older fusion emitters compile it a third faster, to the same bits (the tests compare
+#: it with `ReLUNet.init`); dropped if this XLA does not know them.
+_BUILDER_OPTIONS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
+
+
+def _compile_builder(traced) -> bool:
+    """Compile the network builder (kept for its calls); False if XLA refuses its options."""
+    try:
+        traced.lower().compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "compile option" not in str(err):
+            raise
+        return False
+    return True
 
 
 def _structure_of(d, arch, out_dim, parametrization, dtype, kw):
@@ -600,7 +618,8 @@ def sweep(
             part[4] = chunk
             part.append(functools.partial(fn, batch_size=None if k >= chunk else k))
             if sharding is None:  # (sharded, the program depends on the inputs' placement)
-                zeros = jax.tree.map(lambda a: np.zeros((chunk, *a.shape[2:]), a.dtype), shapes)
+                zeros = jax.tree.map(lambda a, c=chunk: np.zeros((c, *a.shape[2:]), a.dtype),
+                                     shapes)
                 lowered = run_pairs_jit.lower(zeros, np.zeros(chunk, lr_np.dtype), X, y,
                                               **static, batch_size=part[5].keywords["batch_size"])
                 ready[i, part[0]] = pool.submit(lowered.compile)
