@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import gramflow as gf
-from gramflow.dynamics.batch import pad_network, run_pairs_jit, stack, width_buckets
-from gramflow.dynamics.sweep import _vmap_size
+from gramflow.dynamics.batch import pad_network, stack, width_buckets
+from gramflow.dynamics.sweep import _run_jit, _vmap_size
 
 
 def _timed(fn):
@@ -90,9 +90,11 @@ def main(argv=None):
                        for i in members for s in seeds for _ in lrs])
         lr = jnp.tile(jnp.asarray(lrs, X.dtype), len(members) * len(seeds))
         k = _vmap_size(args.samples, X.shape[1], pad_to, jax.devices())
-        per_bucket.append((batch, lr, None if k >= len(lr) else k))
-    run = lambda: [run_pairs_jit(b, lr, X, y, **static, batch_size=k)["loss"]  # noqa: E731
-                   for b, lr, k in per_bucket]
+        jitted = _run_jit(args.samples, X.shape[1], pad_to, len(lr), args.steps,
+                          X.dtype.itemsize, jax.devices()[0].platform)
+        per_bucket.append((jitted, batch, lr, None if k >= len(lr) else k))
+    run = lambda: [jitted(b, lr, X, y, **static, batch_size=k)["loss"]  # noqa: E731
+                   for jitted, b, lr, k in per_bucket]
     _timed(run)  # warm-up (the driver compiled these programs already)
     pure = statistics.median(_timed(run)[0] for _ in range(args.repeats))
 

@@ -72,15 +72,28 @@ def test_networks_are_built_as_init_and_pad_build_them(data):
                     assert np.array_equal(a, b)
 
 
-def test_builder_without_its_compiler_options(data, monkeypatch):
-    """An XLA that does not know the builder's compiler options: built without them."""
+def test_quick_compiler_options(data, monkeypatch):
+    """Short programs (the network builder, brief runs) compile with XLA's quick options, to
+    the same results; long runs do not; an XLA that does not know the options: without."""
     X, y = data
     kw = dict(widths=(3, 5), depths=(1,), seeds=(0, 1), lrs=(0.1,), steps=3, progress=False)
     reference = gf.sweep(X, y, **kw)
-    monkeypatch.setattr(sweep_module, "_BUILDER_OPTIONS", {"cpu": {"xla_no_such_option": 1}})
+    platform = jax.devices()[0].platform
+    options = sweep_module._quick_options(platform)
+    assert options is not None or platform != "cpu"
+    if options is not None:
+        quick = sweep_module._run_jit(10, 4, (5,), 4, 3, 8, platform)
+        assert quick is not sweep_module.run_pairs_jit
+        assert sweep_module._run_jit(64, 16, (512, 512), 100, 10**4, 8,
+                                     platform) is sweep_module.run_pairs_jit
+    monkeypatch.setattr(sweep_module, "_QUICK_OPTIONS", {platform: {"xla_no_such_option": 1}})
     monkeypatch.setattr(sweep_module, "_BUILDERS", {})
-    assert np.array_equal(gf.sweep(X, y, **kw).loss, reference.loss)
-    assert sweep_module._BUILDER_OPTIONS == {}
+    sweep_module._quick_options.cache_clear()
+    try:
+        assert sweep_module._quick_options(platform) is None
+        assert np.array_equal(gf.sweep(X, y, **kw).loss, reference.loss)
+    finally:
+        sweep_module._quick_options.cache_clear()
 
 
 @pytest.mark.parametrize("vmap_size", [1, 3])

@@ -167,14 +167,18 @@ class _Now:
 
 
 def _compiler_pool(n_programs: int):
-    """Threads that compile a sweep's programs beside the thread that traces and runs them:
-    one per core but the caller's (XLA compiles, and runs, without holding Python's lock),
-    none on one core."""
+    """Threads that compile a sweep's programs beside the thread that traces and runs them
+    (XLA compiles without holding Python's lock): one per idle core, judged by the load
+    average (compiling beside other work only slows both), none without one."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    workers = min(n_programs, cores - 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average here
+        busy = 0.0
+    workers = min(n_programs, int(cores - 1 - busy + 0.5))
     return ThreadPoolExecutor(workers, thread_name_prefix="sweep-compile") if workers > 0 \
         else _Now()
 
@@ -345,7 +349,7 @@ def _build_nets_async(seeds, d, buckets, out_dim, parametrization, dtype, pool=N
             arrays, statics[j] = eqx.partition(net, eqx.is_array)
             return arrays
 
-        options = _BUILDER_OPTIONS.get(jax.devices()[0].platform)
+        options = _quick_options()  # it runs for milliseconds
         program = jax.jit(lambda key_data: vmap_keys(
             [functools.partial(init, j) for j in range(len(inits))], key_data),
             **({} if options is None else {"compiler_options": options}))
@@ -355,17 +359,13 @@ def _build_nets_async(seeds, d, buckets, out_dim, parametrization, dtype, pool=N
     program, statics = _BUILDERS[key]
     key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
     traced = program.trace(key_data)  # (a second time: the trace is kept)
-    compiled = (pool or _Now()).submit(_compile_builder, traced)
+    compiled = (pool or _Now()).submit(lambda: traced.lower().compile())
     done = []
 
     def arrays():  # per architecture, (S, ...)
         if not done:
-            run = program
-            if not compiled.result():  # this XLA lacks the options: without them
-                _BUILDER_OPTIONS.clear()
-                run = jax.jit(program.__wrapped__)
-                _BUILDERS[key] = run, statics
-            done.append([jax.tree.map(np.asarray, a) for a in run(key_data)])
+            compiled.result()  # (and kept for this call)
+            done.append([jax.tree.map(np.asarray, a) for a in program(key_data)])
         return done[0]
 
     out, j = [], 0
@@ -397,21 +397,45 @@ def _build_nets_eagerly(seeds, d, archs, kws, out_dim, parametrization, dtype, p
 
 _BUILDERS: dict = {}  # the compiled network builders of recent sweeps, by configuration
 
-#: XLA options of the network builder, per platform: it runs for milliseconds, and on CPU
-#: XLA's older fusion emitters compile it a third faster, to the same bits (the tests compare
-#: it with `ReLUNet.init`); dropped if this XLA does not know them.
-_BUILDER_OPTIONS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
+#: XLA options for programs that run briefly, per platform: on CPU, XLA's older fusion
+#: emitters compile about a third faster, and their code runs about 15% slower (to the same
+#: bits: the tests compare the sweep with `ReLUNet.init` and `simulate`).
+_QUICK_OPTIONS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
+#: a bucket's program is compiled with them below this many multiply-adds (about half a
+#: second on one CPU core, where they save more compile time than they cost)
+_QUICK_WORK = 1.5e10
 
 
-def _compile_builder(traced) -> bool:
-    """Compile the network builder (kept for its calls); False if XLA refuses its options."""
+@functools.cache
+def _quick_options(platform: str | None = None) -> dict | None:
+    """`_QUICK_OPTIONS` of the default device's platform, if this XLA accepts them (checked
+    once, on a tiny program), else None."""
+    options = _QUICK_OPTIONS.get(platform or jax.devices()[0].platform)
+    if options is None:
+        return None
     try:
-        traced.lower().compile()
-    except jax.errors.JaxRuntimeError as err:
-        if "compile option" not in str(err):
-            raise
-        return False
-    return True
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:
+        return None
+    return options
+
+
+@functools.cache
+def _run_pairs_quick(options: tuple):
+    """`run_pairs_jit` compiled with the XLA `options` (`_QUICK_OPTIONS`)."""
+    return eqx.filter_jit(run_pairs, compiler_options=dict(options))
+
+
+def _run_jit(P, d, widths, n_configs, steps, itemsize, platform):
+    """The compiled core that runs `n_configs` configurations of `widths` for `steps`:
+    `run_pairs_jit`, or its quick-compiling twin for less than `_QUICK_WORK` multiply-adds
+    (a step counted as three passes through the layers, float64 as twice float32)."""
+    sizes = (d, *widths)
+    work = 3 * P * sum(n * (m + 1) for n, m in zip(sizes[1:], sizes[:-1]))
+    options = _quick_options(platform)
+    if options is None or n_configs * steps * work * itemsize / 4 > _QUICK_WORK:
+        return run_pairs_jit
+    return _run_pairs_quick(tuple(sorted(options.items())))
 
 
 def _structure_of(d, arch, out_dim, parametrization, dtype, kw):
@@ -542,8 +566,8 @@ def sweep(
     static = dict(steps=steps, engine=engine, record_every=record_every, observables=obs,
                   top_m=top_m, reference=reference)
 
-    def fn(nets, lrs, batch_size):
-        return run_pairs_jit(nets, lrs, X, y, **static, batch_size=batch_size)
+    def fn(nets, lrs, jitted, batch_size):
+        return jitted(nets, lrs, X, y, **static, batch_size=batch_size)
 
     plans, struct_desc = [], []
     for i, L in enumerate(depths):
@@ -616,12 +640,15 @@ def sweep(
             if k < chunk:  # chunks of whole groups of k (no program for a remainder)
                 chunk -= chunk % k
             part[4] = chunk
-            part.append(functools.partial(fn, batch_size=None if k >= chunk else k))
+            jitted = _run_jit(P, d, pad_to, len(todo[i, part[0]]), steps, X.dtype.itemsize,
+                              devices[0].platform)
+            batch_size = None if k >= chunk else k
+            part.append(functools.partial(fn, jitted=jitted, batch_size=batch_size))
             if sharding is None:  # (sharded, the program depends on the inputs' placement)
                 zeros = jax.tree.map(lambda a, c=chunk: np.zeros((c, *a.shape[2:]), a.dtype),
                                      shapes)
-                lowered = run_pairs_jit.lower(zeros, np.zeros(chunk, lr_np.dtype), X, y,
-                                              **static, batch_size=part[5].keywords["batch_size"])
+                lowered = jitted.lower(zeros, np.zeros(chunk, lr_np.dtype), X, y, **static,
+                                       batch_size=batch_size)
                 ready[i, part[0]] = pool.submit(lowered.compile)
 
         chunks = {(i, part[0]): part[4] for i, part in live}
