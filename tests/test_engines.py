@@ -193,11 +193,16 @@ def reference_loop(net, X, y, opt, steps):
     """optax by hand on an independent loss over the weights."""
     loss = lambda ws: 0.5 * jnp.sum((plain_forward(eqx.tree_at(  # noqa: E731
         lambda n: n.weights, net, ws), X)[0] - y) ** 2)
-    ws, state = net.weights, opt.init(net.weights)
-    for _ in range(steps):
+
+    @jax.jit  # one program (eagerly, every operation of the optimizer compiles on its own)
+    def step(ws, state):
         value, g = jax.value_and_grad(loss)(ws)
         u, state = opt.update(g, state, ws, value=value, grad=g, value_fn=loss)
-        ws = optax.apply_updates(ws, u)
+        return optax.apply_updates(ws, u), state
+
+    ws, state = net.weights, opt.init(net.weights)
+    for _ in range(steps):
+        ws, state = step(ws, state)
     return ws
 
 
