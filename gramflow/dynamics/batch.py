@@ -212,13 +212,6 @@ class _Prefix:
         return self.flat[: math.prod(self.shape)].reshape(self.shape)
 
 
-def _barrier(x):
-    """`x` (an array or a `_Prefix`) behind an optimization barrier if it is floating."""
-    if isinstance(x, _Prefix):
-        return _Prefix(_barrier(x.flat), x.shape)
-    return jax.lax.optimization_barrier(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x
-
-
 #: primitives that act entry by entry (on arrays of one shape, or with a scalar)
 _ELEMENTWISE = frozenset((
     "abs", "add", "and", "bitcast_convert_type", "cbrt", "ceil", "clamp",
@@ -229,15 +222,37 @@ _ELEMENTWISE = frozenset((
     "shift_right_logical", "sign", "sin", "sqrt", "square", "sub", "tan", "tanh", "xor"))
 
 
-def _eval_jaxpr(jaxpr, consts, args, random_bits, eager=False, memo=None, top=True):
+def _memo_key(eqn, invals):
+    """What identifies an equation's result: its primitive, parameters and inputs (traced
+    values by identity, `_Prefix`es by their flat array, constants by value); None if its
+    parameters cannot be hashed."""
+    parts = []
+    for x in invals:
+        if isinstance(x, _Prefix):
+            parts.append(("flat", id(x.flat)))
+        elif isinstance(x, jax.core.Tracer):
+            parts.append(id(x))
+        else:
+            a = np.asarray(x)
+            parts.append((a.dtype.str, a.shape, a.tobytes()))
+    key = (eqn.primitive, tuple(sorted(eqn.params.items())), tuple(parts))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _eval_jaxpr(jaxpr, consts, args, random_bits, barrier=None, memo=None):
     """`jax.core.eval_jaxpr` with nested `jit` calls inlined and every `random_bits`
     equation answered by `random_bits(key, bit_width, shape)`, which may return a `_Prefix`:
-    elementwise equations on it (with scalars) then act on its flat array, the others on
-    its value. `eager`: round every equation's floating result as when it runs on its own
-    (an optimization barrier after each), so that XLA does not merge the constant factors
-    of successive products. `memo`: a dict shared by the jaxprs of one trace, where an
-    equation met twice on the same values (each initializer splitting the same key) is
-    evaluated once."""
+    elementwise equations on it (with scalars) then act on its flat array, so that draws of
+    one key share them, and the others on its value. `barrier(x)`: applied to the result of
+    every equation of this jaxpr (not of nested ones), to round it as when it runs on its own
+    (eagerly, each equation is a program: XLA must not merge the constant factors of
+    successive products). `memo`: shared by the jaxprs of one trace, where an equation met
+    twice on the same inputs (each initializer splitting the same key, transforming draws of
+    one key alike) is evaluated once."""
     env = {}
     memo = {} if memo is None else memo
 
@@ -250,52 +265,47 @@ def _eval_jaxpr(jaxpr, consts, args, random_bits, eager=False, memo=None, top=Tr
         invals = [read(v) for v in eqn.invars]
         sub = eqn.params.get("jaxpr")
         if eqn.primitive.name in ("jit", "pjit") and isinstance(sub, jex_core.ClosedJaxpr):
-            # (eagerly a nested jit compiles as one program: barriers only around it)
-            outs = _eval_jaxpr(sub.jaxpr, sub.consts, invals, random_bits, False, memo, False)
-            env.update((v, _barrier(x) if eager else x) for v, x in zip(eqn.outvars, outs)
-                       if not isinstance(v, jex_core.DropVar))
-            continue
-        prefixes = [x for x in invals if isinstance(x, _Prefix)]
-        shape = prefixes[0].shape if prefixes else None
-        lazy = prefixes and eqn.primitive.name in _ELEMENTWISE and all(
-            p.shape == shape and p.flat.shape == prefixes[0].flat.shape for p in prefixes
-        ) and all(isinstance(x, _Prefix) or np.size(x) == 1 for x in invals) and all(
-            tuple(v.aval.shape) == shape for v in eqn.outvars)
-        if lazy:
-            n = prefixes[0].flat.shape
-            invals = [x.flat if isinstance(x, _Prefix) else jnp.broadcast_to(
-                jnp.reshape(x, ()), n) for x in invals]
+            outs = _eval_jaxpr(sub.jaxpr, sub.consts, invals, random_bits, None, memo)
         else:
-            invals = [x.value() if isinstance(x, _Prefix) else x for x in invals]
-        key = None
-        if not lazy and not any(isinstance(v, jex_core.Literal) for v in eqn.invars):
-            key = (eqn.primitive, tuple(sorted(eqn.params.items())), tuple(map(id, invals)),
-                   eager)
-            try:
-                hash(key)
-            except TypeError:
-                key = None
-        if key is not None and key in memo:
-            outs = memo[key][1]
-        else:
-            if eqn.primitive.name == "random_bits":
-                outs = [random_bits(invals[0], eqn.params["bit_width"], eqn.params["shape"])]
+            prefixes = [x for x in invals if isinstance(x, _Prefix)]
+            shape = prefixes[0].shape if prefixes else None
+            lazy = prefixes and eqn.primitive.name in _ELEMENTWISE and all(
+                p.shape == shape and p.flat.shape == prefixes[0].flat.shape for p in prefixes
+            ) and all(isinstance(x, _Prefix) or np.size(x) == 1 for x in invals) and all(
+                tuple(v.aval.shape) == shape for v in eqn.outvars)
+            if not lazy:
+                invals = [x.value() if isinstance(x, _Prefix) else x for x in invals]
+            key = _memo_key(eqn, invals)
+            if key is not None and key in memo:
+                outs = memo[key][1]
             else:
-                with eqn.ctx.manager:
-                    outs = eqn.primitive.bind(*invals,
-                                              **eqn.primitive.get_bind_params(eqn.params))
-                if not eqn.primitive.multiple_results:
-                    outs = [outs]
-            if eager:
-                outs = [_barrier(x) for x in outs]
+                args_ = invals
+                if lazy:  # on the flat arrays, scalars broadcast to them
+                    n = prefixes[0].flat.shape
+                    args_ = [x.flat if isinstance(x, _Prefix) else jnp.broadcast_to(
+                        jnp.reshape(x, ()), n) for x in invals]
+                if eqn.primitive.name == "random_bits":
+                    outs = [random_bits(args_[0], eqn.params["bit_width"],
+                                        eqn.params["shape"])]
+                else:
+                    with eqn.ctx.manager:
+                        outs = eqn.primitive.bind(*args_,
+                                                  **eqn.primitive.get_bind_params(eqn.params))
+                    if not eqn.primitive.multiple_results:
+                        outs = [outs]
+                if key is not None:
+                    memo[key] = invals, outs  # (the inputs kept alive: their ids stay theirs)
             if lazy:
                 outs = [_Prefix(x, shape) for x in outs]
-            if key is not None:
-                memo[key] = invals, outs  # (the inputs kept alive: their ids stay theirs)
+        if barrier is not None:
+            outs = [barrier(x) for x in outs]
         env.update((v, x) for v, x in zip(eqn.outvars, outs)
                    if not isinstance(v, jex_core.DropVar))
-    outs = [read(v) for v in jaxpr.outvars]
-    return [x.value() if top and isinstance(x, _Prefix) else x for x in outs]
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _inexact(x) -> bool:
+    return jnp.issubdtype((x.flat if isinstance(x, _Prefix) else x).dtype, jnp.inexact)
 
 
 def flat_random_bits() -> bool:
@@ -309,13 +319,15 @@ def flat_random_bits() -> bool:
 
 def vmap_keys(fns: Sequence[Callable], key_data) -> list:
     """`[jax.vmap(lambda k: fn(jax.random.wrap_key_data(k)))(key_data) for fn in fns]`, equal
-    bit for bit, but cheap to compile: every `fn` (e.g. `lambda key: ReLUNet.init(key, ...)`,
-    returning arrays) is traced once to a jaxpr, and every random draw of every `fn` and key
-    comes from one threefry program of one flat shape (see `flat_random_bits`), where a
-    separate program per shape and per vmapped key would each cost XLA a fraction of a
-    second to compile. Works inside `jax.jit`; the draws' keys must not depend on other
-    draws (true of initializers, which split their key). Without `flat_random_bits()` it is
-    the plain `jax.vmap`.
+    bit for bit to `fn` called eagerly on each key, but cheap to compile: every `fn` (e.g.
+    `lambda key: ReLUNet.init(key, ...)`, returning arrays) is traced once to a jaxpr, and
+    every random draw of every `fn` and key comes from one threefry program of one flat
+    shape (see `flat_random_bits`), where a separate program per shape and per vmapped key
+    would each cost XLA a fraction of a second to compile; draws of one key (the first
+    layer of every width) share one flat draw and its transform (into normal values, ...).
+    Works inside `jax.jit`; the draws' keys must not depend on other draws (true of
+    initializers, which split their key). Without `flat_random_bits()` it is the plain
+    `jax.vmap` (equal to the eager calls up to XLA's rounding of merged constant products).
 
     `key_data`: `(S, ...)`, `jax.random.key_data` of S keys."""
     wrap = jax.random.wrap_key_data
@@ -355,16 +367,56 @@ def vmap_keys(fns: Sequence[Callable], key_data) -> list:
         for j, u in enumerate(which):
             bits[u] = flat.reshape(keys.shape[0], len(which), n)[:, j]
 
-    def rest(k, bits):  # pass 3: everything, each draw a prefix of its key's flat draw
-        order = iter(draws)
+    # Pass 3, everything, each draw a prefix of its key's flat draw, in two parts. First, in
+    # a loop over the keys, what eagerly ends a program (the transform of a draw into normal
+    # values, a product, ...) on the flat arrays, the loop's outputs: XLA does not fuse
+    # across a loop, so each is computed once, not once per array derived from it.
+    rounded = []  # per rounding point (each equation's result, eagerly), its loop output
+
+    def evaluate(k, bits, barrier):
+        order, memo, key = iter(draws), {}, wrap(k)
 
         def give(key, bit_width, shape):
-            u, _, _ = next(order)
-            return _Prefix(bits[u], shape)
+            return _Prefix(bits[next(order)[0]], shape)
 
-        memo, key = {}, wrap(k)
-        return [jax.tree.unflatten(jax.tree.structure(shape), _eval_jaxpr(
-            closed.jaxpr, closed.consts, [key], give, eager=True, memo=memo))
-                for closed, shape in traced]
+        return [[x.value() if isinstance(x, _Prefix) else x for x in _eval_jaxpr(
+            closed.jaxpr, closed.consts, [key], give, barrier, memo)] for closed, _ in traced]
 
-    return jax.vmap(rest)(key_data, bits)
+    def flats(k, bits):
+        out, index = [], {}
+
+        def barrier(x):
+            if not _inexact(x):
+                return x
+            if not isinstance(x, _Prefix):
+                return jax.lax.optimization_barrier(x)
+            if id(x.flat) not in index:
+                index[id(x.flat)] = len(out)
+                out.append(jax.lax.optimization_barrier(x.flat))
+            rounded.append(index[id(x.flat)])
+            return _Prefix(out[index[id(x.flat)]], x.shape)
+
+        evaluate(k, bits, barrier)
+        return out
+
+    ends = jax.lax.map(lambda kb: flats(*kb), (key_data, bits))
+
+    shared = len(set(rounded)) < len(rounded)  # else the loop is dead code, left to XLA
+
+    def rest(k, bits, ends):  # then the rest, from the loop's outputs
+        order = iter(rounded)
+
+        def barrier(x):
+            if not _inexact(x):
+                return x
+            if not isinstance(x, _Prefix):
+                return jax.lax.optimization_barrier(x)
+            if shared:
+                return _Prefix(ends[next(order)], x.shape)
+            return _Prefix(jax.lax.optimization_barrier(x.flat), x.shape)
+
+        return [jax.tree.unflatten(jax.tree.structure(shape), leaves)
+                for (_, shape), leaves in zip(traced, evaluate(k, bits, barrier))]
+
+    return jax.vmap(rest)(key_data, bits, ends)
+

@@ -401,9 +401,10 @@ _BUILDERS: dict = {}  # the compiled network builders of recent sweeps, by confi
 #: emitters compile about a third faster, and their code runs about 15% slower (to the same
 #: bits: the tests compare the sweep with `ReLUNet.init` and `simulate`).
 _QUICK_OPTIONS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
-#: a bucket's program is compiled with them below this many multiply-adds (about half a
-#: second on one CPU core, where they save more compile time than they cost)
-_QUICK_WORK = 1.5e10
+#: a bucket's program is compiled with them below this many multiply-adds: about half a
+#: second on one CPU core (9e10 a second measured), where the compile time they save (0.1 to
+#: 0.2 s a program) still outweighs the run time they cost
+_QUICK_WORK = 5e10
 
 
 @functools.cache
