@@ -349,7 +349,7 @@ def _build_nets_async(seeds, d, buckets, out_dim, parametrization, dtype, pool=N
             arrays, statics[j] = eqx.partition(net, eqx.is_array)
             return arrays
 
-        options = _quick_options()  # it runs for milliseconds
+        options = _quick_options(jax.devices()[0].platform)  # it runs for milliseconds
         program = jax.jit(lambda key_data: vmap_keys(
             [functools.partial(init, j) for j in range(len(inits))], key_data),
             **({} if options is None else {"compiler_options": options}))
@@ -408,10 +408,10 @@ _QUICK_WORK = 5e10
 
 
 @functools.cache
-def _quick_options(platform: str | None = None) -> dict | None:
-    """`_QUICK_OPTIONS` of the default device's platform, if this XLA accepts them (checked
-    once, on a tiny program), else None."""
-    options = _QUICK_OPTIONS.get(platform or jax.devices()[0].platform)
+def _quick_options(platform: str) -> dict | None:
+    """`_QUICK_OPTIONS` of `platform`, if this XLA accepts them (checked once, on a tiny
+    program), else None."""
+    options = _QUICK_OPTIONS.get(platform)
     if options is None:
         return None
     try:
