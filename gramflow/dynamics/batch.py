@@ -233,7 +233,10 @@ def _memo_key(eqn, invals):
         elif isinstance(x, jax.core.Tracer):
             parts.append(id(x))
         else:
-            a = np.asarray(x)
+            try:
+                a = np.asarray(x)
+            except TypeError:  # (a constant key array)
+                return None
             parts.append((a.dtype.str, a.shape, a.tobytes()))
     key = (eqn.primitive, tuple(sorted(eqn.params.items())), tuple(parts))
     try:

@@ -359,7 +359,7 @@ def _build_nets_async(seeds, d, buckets, out_dim, parametrization, dtype, pool=N
     program, statics = _BUILDERS[key]
     key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
     traced = program.trace(key_data)  # (a second time: the trace is kept)
-    compiled = (pool or _Now()).submit(lambda: traced.lower().compile())
+    compiled = (pool or _Now()).submit(traced.lower().compile)
     done = []
 
     def arrays():  # per architecture, (S, ...)
@@ -489,11 +489,15 @@ def sweep(
     compiling a program costs more than running it; lower it for long runs of very different
     widths), with the scales from the true widths as traced leaves. The networks of every
     bucket come from one compiled program (`vmap_keys`), equal to `ReLUNet.init` per seed.
-    The configurations of a depth are split into chunks that fit `max_bytes` (default: half
-    the accelerator's memory, or a quarter of the host's RAM on CPU), run one compiled call
-    per chunk with a progress bar, and, with more than one device, sharded over the devices
-    along the configuration axis (`jax.sharding.Mesh` + `NamedSharding`). The chunking changes
-    neither the results nor what a rerun into the same `out` can reuse.
+    On CPU a first call spends more time compiling than running: brief programs (the
+    network builder, buckets of less than about half a second of work) are compiled with
+    XLA's quicker options (`_QUICK_OPTIONS`, same results), and with an idle core, on it,
+    beside the tracing and running (`_compiler_pool`). The configurations of a depth are
+    split into chunks that fit `max_bytes` (default: half the accelerator's memory, or a
+    quarter of the host's RAM on CPU), run one compiled call per chunk with a progress bar,
+    and, with more than one device, sharded over the devices along the configuration axis
+    (`jax.sharding.Mesh` + `NamedSharding`). The chunking changes neither the results nor
+    what a rerun into the same `out` can reuse.
 
     **Arguments:**
 
