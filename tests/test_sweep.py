@@ -96,6 +96,28 @@ def test_quick_compiler_options(data, monkeypatch):
         sweep_module._quick_options.cache_clear()
 
 
+def test_compiling_on_other_threads_changes_nothing(data, monkeypatch, tmp_path):
+    """With idle cores the programs compile on other threads, ahead of their calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    X, y = data
+    kw = dict(widths=(3, 5, 9), depths=(1, 2), seeds=(0, 1), lrs=(0.05, 0.1), steps=6,
+              max_padding=0.5, progress=False)
+    monkeypatch.setattr(sweep_module, "_compiler_pool", lambda n: sweep_module._Now())
+    reference = gf.sweep(X, y, **kw)
+    jax.clear_caches()
+    pools = []
+    monkeypatch.setattr(sweep_module, "_compiler_pool",
+                        lambda n: pools.append(n) or ThreadPoolExecutor(2))
+    threaded = gf.sweep(X, y, out=tmp_path, **kw)
+    assert pools and pools[0] > 2  # the builder and a program per bucket
+    assert np.array_equal(threaded.loss, reference.loss)
+    assert np.array_equal(threaded.observables["r"], reference.observables["r"],
+                          equal_nan=True)
+    again = gf.sweep(X, y, out=tmp_path, **kw)  # everything finished: nothing to compile
+    assert pools[-1] == 1 and np.array_equal(again.loss, reference.loss)
+
+
 @pytest.mark.parametrize("vmap_size", [1, 3])
 def test_configurations_in_sequence_change_nothing(data, vmap_size):
     """`vmap_size`: configurations side by side in one vmap, the rest one after another; the
