@@ -1,5 +1,7 @@
 """Shared tolerances, problem builders and independent weight-space references."""
 
+import functools
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -58,14 +60,23 @@ def net_f(net, X):
     return plain_f(net.weights, net.readout, net.scales, X)[0]
 
 
+# The references below are jitted on plain arrays (not the network, whose parametrization is
+# static): one program per shape, shared by every parametrization and every test.
+
+
 def per_sample_grad(net, X, which):
     """`∂f_μ/∂probe_l[μ]` for every layer: `(P, N_l)` or `(P, k, N_l)`."""
-    _, hs = plain_f(net.weights, net.readout, net.scales, X)
+    return _per_sample_grad(net.weights, net.readout, net.scales, X, which)
+
+
+@functools.partial(jax.jit, static_argnames="which")
+def _per_sample_grad(weights, readout, scales, X, which):
+    _, hs = plain_f(weights, readout, scales, X)
     zeros = [jnp.zeros_like(h) for h in hs]
 
     def total(p):
         kw = {"probes_h": p} if which == "h" else {"probes_z": p}
-        return jnp.sum(plain_f(net.weights, net.readout, net.scales, X, **kw)[0], axis=0)
+        return jnp.sum(plain_f(weights, readout, scales, X, **kw)[0], axis=0)
 
     jac = jax.jacrev(total)(zeros)
     return [j if j.ndim == 2 else jnp.moveaxis(j, 0, 1) for j in jac]
@@ -73,8 +84,13 @@ def per_sample_grad(net, X, which):
 
 def jacobian_kernels(net, X):
     """Per-layer `J_l J_lᵀ` from `jax.jacrev`, in gramflow's layout `(P,P)` / `(P,P,k,k)`."""
+    return _jacobian_kernels(net.weights, net.readout, net.scales, X)
+
+
+@jax.jit
+def _jacobian_kernels(weights, readout, scales, X):
     P = X.shape[0]
-    jac = jax.jacrev(lambda ws: plain_f(ws, net.readout, net.scales, X)[0])(net.weights)
+    jac = jax.jacrev(lambda ws: plain_f(ws, readout, scales, X)[0])(weights)
     out = []
     for j in jac:
         lead = j.shape[: j.ndim - 2]
