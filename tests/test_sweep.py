@@ -96,6 +96,16 @@ def test_quick_compiler_options(data, monkeypatch):
         sweep_module._quick_options.cache_clear()
 
 
+def test_another_prng_builds_eagerly(data, monkeypatch):
+    """Without JAX's default PRNG (whose draws are prefixes of one flat draw) the networks
+    are built eagerly, one `ReLUNet.init` each: the same sweep."""
+    X, y = data
+    kw = dict(widths=(3, 5), depths=(2,), seeds=(0, 1), lrs=(0.1,), steps=4, progress=False)
+    reference = gf.sweep(X, y, **kw)
+    monkeypatch.setattr(sweep_module, "flat_random_bits", lambda: False)
+    assert np.array_equal(gf.sweep(X, y, **kw).loss, reference.loss)
+
+
 def test_compiling_on_other_threads_changes_nothing(data, monkeypatch, tmp_path):
     """With idle cores the programs compile on other threads, ahead of their calls."""
     from concurrent.futures import ThreadPoolExecutor
