@@ -1,6 +1,8 @@
 """The Gram-operator hierarchy (I4–I6): materialized operators against per-sample Jacobians,
 matrix-free against materialized, truncated and frozen closures, size refusal, scope errors."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -11,31 +13,34 @@ from helpers import WIDTHS, assert_rel_close, pid, problem, rel_err
 import gramflow as gf
 
 
-def _sample_jacobians(net, x):
-    """Per-sample `∂h_l/∂h_k` and `∂z_k/∂z_l` for all layer pairs, by jax.jacrev."""
+@functools.partial(jax.jit, static_argnames=("kind", "k", "l"))
+def _jacobians(weights, scales, X, kind, k, l):
+    """Per-sample `∂h_l/∂h_k` (`kind="h"`, shape `(P, N_l, N_k)`) or `∂z_k/∂z_l` (`"z"`,
+    `(P, N_k, N_l)`) by jax.jacrev of a plain per-sample function, vmapped over the samples
+    and jitted (one program per layer pair and shape)."""
     relu = lambda h: jnp.where(h > 0, h, 0.0)  # noqa: E731
-    hs, z = [], x
-    for s, W in zip(net.scales[:-1], net.weights):
-        hs.append(s * (W @ z))
-        z = relu(hs[-1])
 
-    def h_to_h(k, l):
-        def f(h):
-            for j in range(k, l):
-                h = net.scales[j] * (net.weights[j] @ relu(h))
-            return h
+    def one(x):
+        hs, z = [], x
+        for s, W in zip(scales[:-1], weights):
+            hs.append(s * (W @ z))
+            z = relu(hs[-1])
+        if kind == "h":
+            def f(h):
+                for j in range(k, l):
+                    h = scales[j] * (weights[j] @ relu(h))
+                return h
 
-        return jax.jacrev(f)(hs[k - 1])
+            return jax.jacrev(f)(hs[k - 1])
 
-    def z_to_z(k, l):
-        def f(z):
+        def g(z):
             for j in range(l, k):
-                z = relu(net.scales[j] * (net.weights[j] @ z))
+                z = relu(scales[j] * (weights[j] @ z))
             return z
 
-        return jax.jacrev(f)(relu(hs[l - 1]))
+        return jax.jacrev(g)(relu(hs[l - 1]))
 
-    return h_to_h, z_to_z
+    return jax.vmap(one)(X)
 
 
 @pytest.mark.parametrize("depth", [2, 3, 4])
@@ -46,13 +51,12 @@ def test_operators_equal_jacobian_definitions(getkey, depth):
     L = depth
     assert sorted(G) == [(k, l) for k in range(1, L + 1) for l in range(k + 1, L + 1)]
     assert sorted(M) == [(k, l) for k in range(2, L) for l in range(1, k)]
-    jacs = [_sample_jacobians(net, x) for x in X]
     for (k, l), op in G.items():
-        J = jnp.stack([h_to_h(k, l) for h_to_h, _ in jacs])  # (P, N_l, N_k)
+        J = _jacobians(net.weights, net.scales, X, "h", k, l)  # (P, N_l, N_k)
         assert op.shape == (6, 6, WIDTHS[L][l - 1], WIDTHS[L][l - 1])
         assert_rel_close(op, jnp.einsum("mak,nbk->mnab", J, J), jnp.float64, what=f"G{(k, l)}")
     for (k, l), op in M.items():
-        J = jnp.stack([z_to_z(k, l) for _, z_to_z in jacs])  # (P, N_k, N_l)
+        J = _jacobians(net.weights, net.scales, X, "z", k, l)  # (P, N_k, N_l)
         assert_rel_close(op, jnp.einsum("mka,nkb->mnab", J, J), jnp.float64, what=f"M{(k, l)}")
 
 
@@ -71,10 +75,9 @@ def test_contraction_identity(getkey):
     G = gf.pushforward_operators(net, X)
     Delta = gf.collective_state(net, X, y).Delta
     c = jax.random.normal(getkey(), (6, 6))
-    jacs = [_sample_jacobians(net, x)[0] for x in X]
     for (k, l), op in G.items():
         lhs = jnp.einsum("mn,mnab,nb->ma", c, op, Delta[l - 1])
-        J = jnp.stack([j(k, l) for j in jacs])
+        J = _jacobians(net.weights, net.scales, X, "h", k, l)
         rhs = jnp.einsum("mak,mk->ma", J, c @ Delta[k - 1])
         assert_rel_close(lhs, rhs, jnp.float64, what=f"I6 {(k, l)}")
 
@@ -161,8 +164,8 @@ def test_operator_summary(getkey):
     net, X, _ = problem(getkey(), 3)
     op = gf.pushforward_operators(net, X)[(1, 3)]
     summary = gf.operator_summary(op)
-    jac = [_sample_jacobians(net, x)[0](1, 3) for x in X]
-    J = jnp.concatenate(jac, axis=0)  # (P·N_3, N_1): rows (μ, a)
+    jac = _jacobians(net.weights, net.scales, X, "h", 1, 3)  # (P, N_3, N_1)
+    J = jac.reshape(-1, jac.shape[-1])  # (P·N_3, N_1): rows (μ, a)
     eig = jnp.sort(jnp.linalg.eigvalsh(J @ J.T))[::-1]
     assert_rel_close(summary.spectrum, eig, jnp.float64, what="block spectrum")
     assert float(summary.spectrum.min()) > -1e-12  # PSD
