@@ -583,8 +583,9 @@ def sweep(
             kw = structure_kwargs(structure, d, a)
             struct_desc.append(_describe(kw))
             kws.append(kw)
-            groups.setdefault(_structure_of(d, a, out_dim, parametrization, X.dtype, kw),
-                              []).append(w)
+            # (without a `structure` every width of a depth has one structure)
+            groups.setdefault(None if structure is None else _structure_of(
+                d, a, out_dim, parametrization, X.dtype, kw), []).append(w)
         parts = []
         for same in groups.values():
             for members, pad_to in width_buckets([arch[i][w] for w in same], d, max_padding):
