@@ -21,7 +21,9 @@ import gramflow.fields.verify as verify_module
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_verify_ok(getkey, depth, out_dim, dtype):
     net, X, y = problem(getkey(), depth, out_dim=out_dim, dtype=dtype)
-    report = gf.verify(net, X, y)
+    # One compiled program per case (eagerly every small operation compiles on its own; eager
+    # verify: the tests below and the command line, float64 and float32).
+    report = jax.jit(gf.verify)(net, X, y)
     assert isinstance(report, gf.VerificationReport)
     assert len(report.gradients) == len(report.K) == len(report.B) == depth
     assert report.ok(), str(report)
