@@ -223,6 +223,23 @@ def test_sharded_equals_single_device(data, tmp_path):
     assert rel_err(outputs[4]["loss"], outputs[1]["loss"]) <= 1e-12
 
 
+def test_buckets_in_one_chunk_each_share_one_program(data, monkeypatch, fixed_cost):
+    """Buckets that run in one chunk each run in one call of one program, unless their
+    chunks together do not fit `max_bytes`: the same results either way."""
+    X, y = data
+    calls = []
+    real = sweep_module._run_chunk
+    monkeypatch.setattr(sweep_module, "_run_chunk", lambda *a: calls.append(a[2]) or real(*a))
+    kw = dict(widths=(3, 8, 20), depths=(1, 2), seeds=(0, 1), lrs=(0.05, 0.1), steps=8,
+              record_every=4, max_padding=0.0, progress=False)  # 3 buckets per depth
+    together = gf.sweep(X, y, **kw)
+    assert len(calls) == 1 and len(calls[0]) == 6  # the lrs of 6 buckets, 4 configurations each
+    apart = gf.sweep(X, y, max_bytes=4 * PER, **kw)  # one chunk each, not all 6 at once
+    assert len(calls) == 1 + 6
+    assert rel_err(apart.observables["r"], together.observables["r"]) <= 1e-12
+    assert np.array_equal(apart.first_nonfinite, together.first_nonfinite)
+
+
 def test_interrupted_sweep_resumes(data, tmp_path, monkeypatch, fixed_cost):
     X, y = data
     kw = dict(widths=(3, 5), depths=(1, 2), seeds=(0, 1), lrs=(0.05, 0.1), steps=10,

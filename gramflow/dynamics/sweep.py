@@ -427,16 +427,48 @@ def _run_pairs_quick(options: tuple):
     return eqx.filter_jit(run_pairs, compiler_options=dict(options))
 
 
+def _work(P, d, widths, n_configs, steps, itemsize) -> float:
+    """Multiply-adds of `n_configs` runs of `steps` (a step counted as three passes through
+    the layers, float64 as twice float32)."""
+    sizes = (d, *widths)
+    return 3 * P * sum(n * (m + 1) for n, m in zip(sizes[1:], sizes[:-1])) * n_configs \
+        * steps * itemsize / 4
+
+
 def _run_jit(P, d, widths, n_configs, steps, itemsize, platform):
     """The compiled core that runs `n_configs` configurations of `widths` for `steps`:
-    `run_pairs_jit`, or its quick-compiling twin for less than `_QUICK_WORK` multiply-adds
-    (a step counted as three passes through the layers, float64 as twice float32)."""
-    sizes = (d, *widths)
-    work = 3 * P * sum(n * (m + 1) for n, m in zip(sizes[1:], sizes[:-1]))
+    `run_pairs_jit`, or its quick-compiling twin below `_QUICK_WORK` multiply-adds."""
     options = _quick_options(platform)
-    if options is None or n_configs * steps * work * itemsize / 4 > _QUICK_WORK:
+    if options is None or _work(P, d, widths, n_configs, steps, itemsize) > _QUICK_WORK:
         return run_pairs_jit
     return _run_pairs_quick(tuple(sorted(options.items())))
+
+
+def _run_buckets(batches, X, y, *, batch_sizes, **static):
+    """`run_pairs` on several buckets `(nets, lrs)` in one program (one compilation, the
+    sum of theirs less what each program costs on its own)."""
+    return tuple(run_pairs(nets, lrs, X, y, **static, batch_size=b)
+                 for (nets, lrs), b in zip(batches, batch_sizes))
+
+
+@functools.cache
+def _run_buckets_jit(options: tuple | None):
+    """`_run_buckets` compiled (with the XLA `options`, if any), kept."""
+    return eqx.filter_jit(_run_buckets, **({} if options is None else {
+        "compiler_options": dict(options)}))
+
+
+class _Bucket:
+    """The plan for one width bucket of one depth: group `g` (its chunk files' name), width
+    entries `ws`, the networks' `spec` `(archs, structure kwargs, pad_to)`, and, once planned,
+    `nets` (a function returning them, `(W, S, ...)`), `chunk` (configurations per call),
+    `run` (a chunk's call), `inputs` (zero inputs of a chunk's shape, for compiling ahead),
+    `work` (multiply-adds to run) and `nbytes` (the memory estimate of a chunk)."""
+
+    def __init__(self, g, ws, spec):
+        self.g, self.ws, self.spec = g, ws, spec
+        self.nets = self.chunk = self.run = self.inputs = None
+        self.work = self.nbytes = 0
 
 
 def _structure_of(d, arch, out_dim, parametrization, dtype, kw):
@@ -494,8 +526,9 @@ def sweep(
     XLA's quicker options (`_QUICK_OPTIONS`, same results), and with an idle core, on it,
     beside the tracing and running (`_compiler_pool`). The configurations of a depth are
     split into chunks that fit `max_bytes` (default: half the accelerator's memory, or a
-    quarter of the host's RAM on CPU), run one compiled call per chunk with a progress bar,
-    and, with more than one device, sharded over the devices along the configuration axis
+    quarter of the host's RAM on CPU; buckets in one chunk each, that fit together, share
+    one program and one call), run one compiled call per chunk with a progress bar, and,
+    with more than one device, sharded over the devices along the configuration axis
     (`jax.sharding.Mesh` + `NamedSharding`). The chunking changes neither the results nor
     what a rerun into the same `out` can reuse.
 
@@ -590,8 +623,8 @@ def sweep(
         for same in groups.values():
             for members, pad_to in width_buckets([arch[i][w] for w in same], d, max_padding):
                 ws = [same[m] for m in members]
-                parts.append([len(parts), ws, (tuple(arch[i][w] for w in ws),
-                                                tuple(kws[w] for w in ws), pad_to), pad_to, None])
+                parts.append(_Bucket(len(parts), ws, (tuple(arch[i][w] for w in ws),
+                                                      tuple(kws[w] for w in ws), pad_to)))
         plans.append(parts)
     # What the results depend on (not the chunking): the fingerprint of the chunk files.
     config = dict(widths=[list(a) for row in arch for a in row], depths=[int(L) for L in depths],
@@ -608,26 +641,21 @@ def sweep(
     if out is not None:
         os.makedirs(out, exist_ok=True)
     for i, L in enumerate(depths):
-        for g, ws, *_ in plans[i]:
-            n = len(ws) * n_sr
-            finished[i, g] = [] if out is None else _load_finished(
-                out, f"depth{L}_group{g}", fingerprint, config, n)
-            covered = [index for index, _ in finished[i, g]]
-            todo[i, g] = np.setdiff1d(np.arange(n), np.concatenate(covered) if covered else [])
+        for b in plans[i]:
+            n = len(b.ws) * n_sr
+            finished[i, b.g] = [] if out is None else _load_finished(
+                out, f"depth{L}_group{b.g}", fingerprint, config, n)
+            covered = [index for index, _ in finished[i, b.g]]
+            todo[i, b.g] = np.setdiff1d(np.arange(n), np.concatenate(covered) if covered else [])
 
-    # Only the buckets with configurations left to run need networks and programs. Their
-    # programs (the network builder, one per bucket) are traced and lowered here and compiled
-    # on other cores (`_compiler_pool`), while this thread traces the next one and runs those
-    # that are ready; a call finds its program compiled.
-    live = [(i, part) for i in range(len(depths)) for part in plans[i] if len(todo[i, part[0]])]
+    # Only the buckets with configurations left to run need networks and programs.
+    live = [(i, b) for i in range(len(depths)) for b in plans[i] if len(todo[i, b.g])]
     pool = _compiler_pool(len(live) + 1)
     try:
-        nets_of = _build_nets_async(seeds, d, [part[2] for _, part in live], out_dim,
-                                    parametrization, X.dtype, pool)
-        ready = {}
-        for (i, part), (shapes, built) in zip(live, nets_of):
-            L, ws, pad_to = depths[i], part[1], part[3]
-            part[2] = built  # () -> the stacked networks, (W, S, ...)
+        built = _build_nets_async(seeds, d, [b.spec for _, b in live], out_dim,
+                                  parametrization, X.dtype, pool)
+        for (i, b), (shapes, nets) in zip(live, built):
+            pad_to, b.nets = b.spec[2], nets
             one = jax.tree.map(lambda a: np.zeros((1, *a.shape[2:]), a.dtype), shapes)
             key = (repr(jax.tree.map(lambda a: (a.shape, a.dtype), (one, X, y))),
                    repr(sorted((k, repr(v)) for k, v in static.items())))
@@ -636,49 +664,90 @@ def sweep(
             per = _COST[key]
             if per > budget:
                 raise ValueError(
-                    f"one configuration at depth {L} (widths {pad_to}) needs about "
+                    f"one configuration at depth {depths[i]} (widths {pad_to}) needs about "
                     f"{per:,} bytes, above max_bytes = {budget:,}; reduce P, the widths, "
                     "or the recorded observables."
                 )
-            chunk = max(1, min(len(ws) * n_sr, budget // per))
+            chunk = max(1, min(len(b.ws) * n_sr, budget // per))
             chunk = -(-chunk // n_dev) * n_dev if chunk >= n_dev else n_dev  # whole devices
             k = _vmap_size(P, d, pad_to, devices) if vmap_size is None or n_dev > 1 else vmap_size
             if k < chunk:  # chunks of whole groups of k (no program for a remainder)
                 chunk -= chunk % k
-            part[4] = chunk
-            jitted = _run_jit(P, d, pad_to, len(todo[i, part[0]]), steps, X.dtype.itemsize,
-                              devices[0].platform)
             batch_size = None if k >= chunk else k
-            part.append(functools.partial(fn, jitted=jitted, batch_size=batch_size))
-            if sharding is None:  # (sharded, the program depends on the inputs' placement)
-                zeros = jax.tree.map(lambda a, c=chunk: np.zeros((c, *a.shape[2:]), a.dtype),
-                                     shapes)
-                lowered = jitted.lower(zeros, np.zeros(chunk, lr_np.dtype), X, y, **static,
-                                       batch_size=batch_size)
-                ready[i, part[0]] = pool.submit(lowered.compile)
+            jitted = _run_jit(P, d, pad_to, len(todo[i, b.g]), steps, X.dtype.itemsize,
+                              devices[0].platform)
+            b.chunk, b.nbytes = chunk, chunk * per
+            b.run = functools.partial(fn, jitted=jitted, batch_size=batch_size)
+            b.inputs = (jax.tree.map(lambda a, c=chunk: np.zeros((c, *a.shape[2:]), a.dtype),
+                                     shapes), np.zeros(chunk, lr_np.dtype))
+            b.work = _work(P, d, pad_to, len(todo[i, b.g]), steps, X.dtype.itemsize)
 
-        chunks = {(i, part[0]): part[4] for i, part in live}
-        bar = _progress(sum(-(-len(todo[key]) // chunks[key]) for key in chunks), progress)
+        # Programs are traced and lowered here, then compiled on other cores if idle
+        # (`_compiler_pool`) while this thread goes on; a call finds its program compiled.
+        # Buckets run in one chunk each (the usual sweep) share one program: one compilation.
+        # Sharded, a program depends on its inputs' placement: compiled at its call.
+        ready = {}
+        fused = [] if sharding is not None else [
+            (i, b) for i, b in live if len(todo[i, b.g]) <= b.chunk]
+        if len(fused) < 2 or sum(b.nbytes for _, b in fused) > budget:
+            fused = []
+        else:
+            options = _quick_options(devices[0].platform)
+            if options is not None and sum(b.work for _, b in fused) > _QUICK_WORK * len(fused):
+                options = None
+            jitted = _run_buckets_jit(None if options is None else tuple(sorted(options.items())))
+            sizes = tuple(b.run.keywords["batch_size"] for _, b in fused)
+
+            def run_fused(nets, lrs, jitted=jitted, sizes=sizes):
+                return jitted(tuple(zip(nets, lrs)), X, y, batch_sizes=sizes, **static)
+
+            lowered = jitted.lower(tuple(b.inputs for _, b in fused), X, y, batch_sizes=sizes,
+                                   **static)
+            ready["fused"] = pool.submit(lowered.compile)
+        for i, b in live:
+            if sharding is None and not any(b is c for _, c in fused):
+                lowered = b.run.keywords["jitted"].lower(
+                    *b.inputs, X, y, **static, batch_size=b.run.keywords["batch_size"])
+                ready[i, b.g] = pool.submit(lowered.compile)
+
+        bar = _progress(sum(-(-len(todo[i, b.g]) // b.chunk) for i, b in live), progress)
+        stacked = {}
+
+        def gather(i, b, index):  # the configurations `index` of a chunk, filled up to it
+            if (i, b.g) not in stacked:
+                stacked[i, b.g] = b.nets()  # (W, S, ...)
+            idx = np.stack(np.unravel_index(index, (len(b.ws), len(seeds), len(lr_values))),
+                           axis=1)
+            fill = np.concatenate([idx, np.repeat(idx[-1:], b.chunk - len(idx), 0)])
+            # Gathered in NumPy: an eager gather would compile once per leaf shape.
+            nets = jax.tree.map(lambda a: a[fill[:, 0], fill[:, 1]], stacked[i, b.g])
+            return idx, nets, lr_np[fill[:, 2]]
+
+        results = {}
+        if fused:  # one call (through the hook that runs a chunk) for all of them
+            gathered = [gather(i, b, todo[i, b.g]) for i, b in fused]
+            ready["fused"].result()
+            outs = _run_chunk(run_fused, tuple(nets for _, nets, _ in gathered),
+                              tuple(lrs for _, _, lrs in gathered), sharding)
+            results = {(i, b.g): out for (i, b), out in zip(fused, outs)}
         per_depth = []
         for i, L in enumerate(depths):
             merged = {}
-            for part in plans[i]:
-                g, ws = part[0], part[1]
-                n = len(ws) * n_sr
-                grid = np.stack(np.unravel_index(np.arange(n), (len(ws), len(seeds),
-                                                                len(lr_values))), axis=1)
-                pieces, chunk = finished[i, g], 1
-                if len(todo[i, g]):
-                    nets, chunk, run = part[2](), part[4], part[5]
+            for b in plans[i]:
+                g, ws, n = b.g, b.ws, len(b.ws) * n_sr
+                pieces, chunk = finished[i, g], max(1, len(todo[i, g]))
+                if len(todo[i, g]) and (i, g) not in results:
+                    chunk = b.chunk
                     if (i, g) in ready:
                         ready[i, g].result()  # compiled (or raises what compiling raised)
                 for start in range(0, len(todo[i, g]), chunk):
                     index = todo[i, g][start:start + chunk]
-                    idx = grid[index]
-                    fill = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx), 0)])
-                    # Gathered in NumPy: an eager gather would compile once per leaf shape.
-                    batch = jax.tree.map(lambda a, f=fill: a[f[:, 0], f[:, 1]], nets)
-                    done = _run_chunk(run, batch, lr_np[fill[:, 2]], sharding)
+                    if (i, g) in results:
+                        idx, done = np.stack(np.unravel_index(index, (
+                            len(ws), len(seeds), len(lr_values))), axis=1), results[i, g]
+                    else:
+                        idx, nets, lrs_chunk = gather(i, b, index)
+                        done = _run_chunk(b.run, nets, lrs_chunk, sharding)
                     done = {key: v[: len(idx)] for key, v in done.items()}
                     if out is not None:
                         meta = dict(
