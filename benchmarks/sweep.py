@@ -4,12 +4,13 @@ the pure run time of its compiled core.
     python benchmarks/sweep.py            # 3 widths × 8 seeds × 4 lrs, P = 64, L = 2, 200 steps
     python benchmarks/sweep.py --quick    # tiny, for CI
 
-1. First calls, compilation included on both sides: `gf.sweep` over the grid (one program that
-   builds every network, one per width bucket that runs all its seeds × lrs) against a Python
+1. First calls, compilation included on both sides: `gf.sweep` over the grid (one program
+   builds every network, one more runs every width bucket's seeds × lrs) against a Python
    loop of `gf.simulate` (the lr is traced, so the loop compiles once per width and then runs
    every seed and lr). JAX's one-time start-up is paid before either, by an unrelated program.
 2. Repeated calls: an identical second `gf.sweep` (which reuses its compiled programs: no
-   tracing) against the pure run time of those programs on the same inputs.
+   tracing) against the pure run time of those programs, called on the inputs the sweep
+   gave them.
 
 Agreement is checked first; times are medians over `--repeats` runs (first calls: once).
 """
@@ -26,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gramflow as gf
-from gramflow.dynamics.batch import pad_network, stack, width_buckets
-from gramflow.dynamics.sweep import _run_jit, _vmap_size
+import gramflow.dynamics.sweep as sweep_module
 
 
 def _timed(fn):
@@ -75,29 +75,22 @@ def main(argv=None):
     # float32 round-off (summation order differs under vmap), amplified over the steps
     assert err < 1e-2, f"sweep and loop disagree: {err:.1e}"
 
-    # The loop's side cleared the caches: one call compiles the sweep's programs again, then
-    # the identical calls reuse them.
-    _timed(lambda: gf.sweep(X, y, **grid).loss)
+    # The loop's side cleared the caches: one call compiles the sweep's programs again (and
+    # records the calls of its compiled core: each chunk's program and inputs), then the
+    # identical calls reuse them.
+    calls = []
+    real = sweep_module._run_chunk
+    sweep_module._run_chunk = lambda fn, nets, lrs, sharding: (  # noqa: E731
+        calls.append((fn, nets, lrs)) or real(fn, nets, lrs, sharding))
+    try:
+        _timed(lambda: gf.sweep(X, y, **grid).loss)
+    finally:
+        sweep_module._run_chunk = real
     repeated = statistics.median(_timed(lambda: gf.sweep(X, y, **grid).loss)[0]
                                  for _ in range(args.repeats))
-    # The pure run: the driver's compiled programs (one per width bucket, padded as it pads,
-    # its configurations side by side or in sequence as it runs them) on its inputs, nothing
-    # else.
-    static = dict(engine=gf.Weights(), top_m=5, reference=None,
-                  observables={"loss": gf.Loss()}, steps=args.steps,
-                  record_every=args.steps)
-    per_bucket = []
-    for members, pad_to in width_buckets([(w,) * depth for w in widths], X.shape[1]):
-        batch = stack([pad_network(gf.ReLUNet.init(jax.random.key(s), X.shape[1],
-                                                   (widths[i],) * depth, dtype=X.dtype), pad_to)
-                       for i in members for s in seeds for _ in lrs])
-        lr = jnp.tile(jnp.asarray(lrs, X.dtype), len(members) * len(seeds))
-        k = _vmap_size(args.samples, X.shape[1], pad_to, jax.devices())
-        jitted = _run_jit(args.samples, X.shape[1], pad_to, len(lr), args.steps,
-                          X.dtype.itemsize, jax.devices()[0].platform)
-        per_bucket.append((jitted, batch, lr, None if k >= len(lr) else k))
-    run = lambda: [jitted(b, lr, X, y, **static, batch_size=k)["loss"]  # noqa: E731
-                   for jitted, b, lr, k in per_bucket]
+    # The pure run: the driver's compiled programs called on the inputs it gave them (its
+    # networks, padded and gathered as it runs them), nothing else.
+    run = lambda: [fn(nets, lrs) for fn, nets, lrs in calls]  # noqa: E731
     _timed(run)  # warm-up (the driver compiled these programs already)
     pure = statistics.median(_timed(run)[0] for _ in range(args.repeats))
 
