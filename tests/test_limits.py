@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_err
 
 import gramflow as gf
-from helpers import rel_err
 
 
 def _jacobian_rows(net, X):
@@ -29,8 +29,8 @@ def _cross(J1, J2, P1, P2, k):
 @pytest.mark.parametrize("out_dim", [None, 2])
 @pytest.mark.parametrize("structured", [False, True])
 def test_cross_kernels_equal_jacobian_products(getkey, out_dim, structured):
-    kw = dict(masks=[None, gf.Mask.block_diagonal((6, 6), 2)], gains=1.2, skips=0.3,
-              train=("weights", "gains", "skips")) if structured else {}
+    kw = {"masks": [None, gf.Mask.block_diagonal((6, 6), 2)], "gains": 1.2, "skips": 0.3,
+          "train": ("weights", "gains", "skips")} if structured else {}
     net = gf.ReLUNet.init(getkey(), 4, (6, 6), out_dim=out_dim, dtype=jnp.float64, **kw)
     X1 = jax.random.normal(getkey(), (5, 4), jnp.float64)
     X2 = jax.random.normal(getkey(), (3, 4), jnp.float64)
@@ -44,7 +44,7 @@ def test_cross_kernels_equal_jacobian_products(getkey, out_dim, structured):
     assert rel_err(lk.total, K_ref) <= 1e-10
     # Per layer: the rows of the Jacobian of layer l's parameters (weights, gain, skip).
     for l in range(net.depth):
-        def layer_rows(X):
+        def layer_rows(X, l=l):
             params, rest = eqx.partition(net, gf.trainable(net))
             jac = jax.jacrev(lambda p: eqx.combine(p, rest)(X))(params)
             lead = X.shape[0] * (out_dim or 1)
@@ -172,12 +172,30 @@ def test_limit_normalization_and_refusals(getkey):
     custom = gf.ReLUNet(net.weights, net.readout, net.scales)
     with pytest.raises(ValueError, match="parametrization"):
         gf.limit_kernels(custom, X)
-    masked = gf.ReLUNet.init(getkey(), 3, (8, 8), masks=[None, gf.Mask.banded((8, 8), 1)],
-                             parametrization="ntk")
-    with pytest.raises(ValueError, match="dense layers only"):
-        gf.limit_kernels(masked, X)
     with pytest.raises(ValueError, match="X"):
         gf.limit_kernels(net, jnp.ones((2, 4)))
+
+
+def test_structures_without_a_closed_form_are_refused_with_the_reason(getkey):
+    X = jnp.ones((2, 3))
+    # A banded mask cuts its band at the edges: rows of fan-in 2 and 3.
+    banded = gf.ReLUNet.init(getkey(), 3, (8, 8), masks=[None, gf.Mask.banded((8, 8), 1)],
+                             parametrization="ntk")
+    with pytest.raises(ValueError, match=r"`net.masks\[1\]`: its rows have unequal fan-in \(2 to 3"):
+        gf.limit_kernels(banded, X)
+    with pytest.raises(ValueError, match="unequal fan-in"):
+        gf.limit_normalization(banded)
+    # First layer: units reading different input coordinates are not exchangeable.
+    first = gf.ReLUNet.init(getkey(), 4, (8, 8), masks=[gf.Mask.block_diagonal((8, 4), 2), None])
+    with pytest.raises(ValueError, match=r"`net.masks\[0\]`: the first-layer mask"):
+        gf.limit_kernels(first, jnp.ones((2, 4)))
+    # Skip paths, fixed or trained: h_l is a Gaussian plus a rectified Gaussian.
+    for train in (("weights",), ("weights", "skips")):
+        skip = gf.ReLUNet.init(getkey(), 3, (8, 8), skips=0.5, train=train)
+        kind = "trained" if "skips" in train else "fixed"
+        with pytest.raises(ValueError, match=rf"`net.skips`: layer\(s\) \[2\] have a skip path "
+                                             rf"\({kind} α\).*not Gaussian"):
+            gf.limit_kernels(skip, X)
 
 
 @pytest.mark.parametrize("parametrization", ["ntk", "standard", "mean_field"])
@@ -224,3 +242,180 @@ def test_limit_study_measures_what_it_says(getkey):
     slopes = st.slopes()
     assert slopes["kernel_distance"].shape == (1, 3) and np.all(np.isfinite(slopes["kernel_drift"]))
     assert "log-log slope" in st.table()
+
+
+# -- structured layers: gains and masks of equal fan-in -------------------------------------
+
+def _circulant(n, fan_in):
+    """A band that wraps around: every row reads `fan_in` consecutive inputs (equal fan-in)."""
+    offset = (np.arange(n)[None, :] - np.arange(n)[:, None]) % n
+    return gf.Mask(offset < fan_in)
+
+
+def _structured(key, structure, parametrization, d=4, width=8, L=3):
+    """A depth-L network with the given structure. Gains differ per layer; `"masks"` drops
+    one input coordinate on layer 1 (all rows equal), has two blocks on layer 2 and a
+    circulant band of fan-in 3 on layer 3."""
+    masks = gains = None
+    train = ("weights",)
+    if "masks" in structure:
+        keep = np.ones((width, d), bool)
+        keep[:, 1] = False
+        masks = [gf.Mask(keep), gf.Mask.block_diagonal((width, width), 2),
+                 _circulant(width, 3)][:L]
+    if "gains" in structure:
+        gains = jnp.asarray([1.3, 0.7, 1.1][:L], jnp.float64)
+        train = ("weights", "gains") if "trained" in structure else train
+    net = gf.ReLUNet.init(key, d, (width,) * L, parametrization=parametrization,
+                          dtype=jnp.float64, masks=masks)
+    return gf.ReLUNet(net.weights, net.readout, net.scales, parametrization, masks=net.masks,
+                      gains=gains, train=train)
+
+
+def _oracle_structured(X1, X2, net):
+    """Σ_l, Γ_l, Ṡ_l entry by entry by quadrature (`_relu_moments`), with the gains applied
+    at every layer (no use of homogeneity): `Σ_l = g_l² Γ_{l-1}`, `Q_l = Π_{m>l} g_m²
+    Π_{m≥l} Ṡ_m`, `K_l = Σ_l ⊙ Q_l`, plus `NNGP / g_l²` for a trained gain (ntk, mean field)."""
+    X1, X2 = np.asarray(X1), np.asarray(X2)
+    L = net.depth
+    g2 = np.ones(L) if net.gains is None else np.asarray(net.gains) ** 2
+    cols = np.arange(X1.shape[1]) if net.masks is None else np.flatnonzero(net.masks[0].array[0])
+    S1, S2 = X1[:, cols], X2[:, cols]
+    n = len(cols)
+    v1, v2, cov = g2[0] * (S1 * S1).sum(1) / n, g2[0] * (S2 * S2).sum(1) / n, g2[0] * S1 @ S2.T / n
+    sigmas, grams, dots = [], [X1 @ X2.T / X1.shape[1]], []
+    for l in range(L):
+        sigmas.append(cov)
+        gam, dot = np.empty_like(cov), np.empty_like(cov)
+        for i in range(cov.shape[0]):
+            for j in range(cov.shape[1]):
+                gam[i, j], dot[i, j] = _relu_moments(v1[i], v2[j], cov[i, j])
+        grams.append(gam)
+        dots.append(dot)
+        w1 = np.array([_relu_moments(v, v, v)[0] for v in v1])
+        w2 = np.array([_relu_moments(v, v, v)[0] for v in v2])
+        if l + 1 < L:
+            v1, v2, cov = g2[l + 1] * w1, g2[l + 1] * w2, g2[l + 1] * gam
+    nngp = grams[-1]
+    Q = [np.prod(g2[l + 1:]) * np.prod(dots[l:], axis=0) for l in range(L)]
+    K = [s * q for s, q in zip(sigmas, Q)]
+    if "gains" in net.train and net.parametrization != "standard":
+        K = [k + nngp / g2[l] for l, k in enumerate(K)]
+    return grams[:L], Q, K, nngp
+
+
+@pytest.mark.parametrize("structure,parametrization", [
+    ("trained gains", "ntk"), ("trained gains", "mean_field"), ("trained gains", "standard"),
+    ("fixed gains", "ntk"), ("masks", "ntk"), ("masks", "standard"),
+    ("masks, trained gains", "mean_field")])
+def test_structured_limit_equals_quadrature_oracle(getkey, structure, parametrization):
+    X1 = jax.random.normal(getkey(), (4, 4), jnp.float64)
+    X2 = jnp.concatenate([X1[:1], -X1[1:2], jax.random.normal(getkey(), (1, 4))])  # θ = 0, π
+    net = _structured(getkey(), structure, parametrization)
+    lim = gf.limit_kernels(net, X1, X2)
+    G, Q, K, nngp = _oracle_structured(X1, X2, net)
+    for l in range(net.depth):
+        assert rel_err(lim.G[l], G[l]) <= 1e-8
+        assert rel_err(lim.Q[l], Q[l]) <= 1e-8
+        assert rel_err(lim.K[l], K[l]) <= 1e-8
+    assert rel_err(lim.total, sum(K)) <= 1e-8
+    assert rel_err(lim.nngp, nngp) <= 1e-8
+    # Vector outputs: the same kernels times the identity in the output indices.
+    vec = gf.ReLUNet(net.weights, jnp.stack([net.readout] * 2, axis=1), net.scales,
+                     parametrization, masks=net.masks, gains=net.gains, train=net.train)
+    assert rel_err(gf.limit_kernels(vec, X1, X2).total,
+                   lim.total[..., None, None] * jnp.eye(2)[None, None]) <= 1e-15
+
+
+def test_gain_term_is_f_f_over_g_squared_at_every_width(getkey):
+    """The identity behind the trained-gain limit: `u_μ = s_l Δ_l·((W ⊙ M) z_{l-1}) = f_μ / g_l`
+    (Euler's identity for the homogeneous map z_l ↦ f), so the gain's kernel term is
+    `f fᵀ / g_l²` — a finite-width fact, which is why that term does not concentrate."""
+    X = jax.random.normal(getkey(), (5, 4), jnp.float64)
+    net = _structured(getkey(), "masks, trained gains", "ntk", width=6)
+    fixed = gf.ReLUNet(net.weights, net.readout, net.scales, "ntk", masks=net.masks,
+                       gains=net.gains, train=("weights",))
+    full, weights, f = gf.layer_kernels(net, X), gf.layer_kernels(fixed, X), net(X)
+    for l in range(net.depth):
+        assert rel_err(full.K[l] - weights.K[l], jnp.outer(f, f) / net.gains[l] ** 2) <= 1e-12
+
+
+def _monte_carlo(draw, *args, n=16, seed=0):
+    """`draw(key, *args)` (a list of arrays) for `n` keys, one compiled program run per key:
+    the list of the stacked arrays, `(n, ...)` each. Large arrays go in `args`, not in a
+    closure (a closed-over array becomes a constant of the program, slow to lower)."""
+    one = jax.jit(draw)
+    runs = [one(k, *args) for k in jax.random.split(jax.random.key(seed), n)]
+    return [np.stack([np.asarray(r[i]) for r in runs]) for i in range(len(runs[0]))]
+
+
+def _within_4_se(samples, lim, *, power=True):
+    mean, se = samples.mean(0), samples.std(0, ddof=1) / math.sqrt(samples.shape[0])
+    assert np.all(np.abs(mean - lim) <= 4 * se), np.abs(mean - lim) / se
+    if power:
+        assert np.all(se <= 0.05 * np.abs(lim).max())
+
+
+def test_monte_carlo_trained_gains(getkey):
+    """16 NTK networks of width 4096 (L = 2) with gains (1.3, 0.7). The weight part of each
+    K_l (the same network with the gains fixed) concentrates on `Σ_l ⊙ Q_l`. The trained
+    gains' term `f fᵀ / g_l²` does not concentrate, but its mean is `NNGP / g_l²`: the mean of
+    the full K_l is within 4 standard errors of the limit; and averaged over the Gaussian
+    readout alone, `E_a[f fᵀ] = s_out² Z_L Z_Lᵀ` does concentrate, on the NNGP."""
+    X = jax.random.normal(getkey(), (4, 3), jnp.float64)
+    width, gains = 4096, jnp.asarray([1.3, 0.7], jnp.float64)
+    scales = jnp.asarray([1 / math.sqrt(3), 1 / math.sqrt(width), 1 / math.sqrt(width)])
+
+    def build(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        weights = [jax.random.normal(k1, (width, 3), jnp.float64),
+                   jax.random.normal(k2, (width, width), jnp.float64)]
+        a = jax.random.normal(k3, (width,), jnp.float64)
+        nets = [gf.ReLUNet(weights, a, scales, "ntk", gains=gains, train=train)
+                for train in (("weights", "gains"), ("weights",))]
+        features = gf.ReLUNet(weights, jnp.eye(width), scales, "ntk", gains=gains)(X)
+        return nets, features  # features = s_out Z_L, (P, N_L)
+
+    def draw(key):
+        nets, features = build(key)
+        return [jnp.stack(gf.layer_kernels(net, X).K) for net in nets] + [features @ features.T]
+
+    full, fixed, readout_mean = _monte_carlo(draw)
+    net_full, net_fixed = build(jax.random.key(0))[0]
+    lim = gf.limit_kernels(net_full, X)
+    lim_full, lim_fixed = np.stack(lim.K), np.stack(gf.limit_kernels(net_fixed, X).K)
+    _within_4_se(fixed, lim_fixed)
+    _within_4_se(full, lim_full, power=False)  # the gain term fluctuates at order one
+    _within_4_se(full - fixed, lim_full - lim_fixed, power=False)
+    gain_terms = np.stack([np.asarray(lim.nngp) / float(g) ** 2 for g in gains])
+    assert rel_err(lim_full - lim_fixed, gain_terms) <= 1e-12
+    _within_4_se(readout_mean[:, None] / np.asarray(gains)[None, :, None, None] ** 2,
+                 gain_terms)  # with power: this one concentrates
+
+
+def test_monte_carlo_masks_of_equal_fan_in(getkey):
+    """16 standard-parametrized networks of width 4096 (L = 2): layer 1 drops one of 4 input
+    coordinates (n_1 = 3), layer 2 has two blocks (n_2 = 2048). The mean of `K_l / n_l`
+    (`limit_normalization`) is within 4 standard errors of the dense limit with n_l."""
+    X = jax.random.normal(getkey(), (4, 4), jnp.float64)
+    width = 4096
+    keep = np.ones((width, 4), bool)
+    keep[:, 1] = False
+    masks = (gf.Mask(keep), gf.Mask.block_diagonal((width, width), 2))
+    M = [jnp.asarray(m.array, jnp.float64) for m in masks]
+    scales = jnp.ones((3,), jnp.float64)
+
+    def draw(key, M):
+        k1, k2, k3 = jax.random.split(key, 3)
+        weights = [M[0] * jax.random.normal(k1, (width, 4), jnp.float64) / math.sqrt(3),
+                   M[1] * jax.random.normal(k2, (width, width), jnp.float64) / math.sqrt(2048)]
+        a = jax.random.normal(k3, (width,), jnp.float64) / math.sqrt(width)
+        net = gf.ReLUNet(weights, a, scales, "standard", masks=masks)
+        return [jnp.stack(gf.layer_kernels(net, X).K)]
+
+    (samples,) = _monte_carlo(draw, M)
+    net = gf.ReLUNet([0 * M[0], 0 * M[1]], jnp.zeros((width,)), scales, "standard",
+                     masks=masks)  # the limit reads the structure only
+    c = np.asarray(gf.limit_normalization(net)["K"])
+    assert np.allclose(c, [1 / 3, 1 / 2048])
+    _within_4_se(samples * c[None, :, None, None], np.stack(gf.limit_kernels(net, X).K))
