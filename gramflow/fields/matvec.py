@@ -6,6 +6,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._algebra import flat_kernel
@@ -14,21 +15,55 @@ from .kernels import collective_kernel
 from .state import fields
 
 
-def _kernel_matmat(net, Z, Delta, V):
-    """`K V = Σ_l K_l V` for a block of vectors `V` `(P, *k, m)` (`Layer.matmat`)."""
-    return sum(layer.matmat(z, d, V) for layer, z, d in zip(net.layers, Z, Delta))
+def _kernel_matmat(net, Z, Delta, V, block_size=None):
+    """`K V = Σ_l K_l V` for a block of vectors `V` `(P, *k, m)` (`Layer.matmat`, in blocks
+    of samples when P is large)."""
+    return sum(layer.matmat(z, d, V, block_size=block_size)
+               for layer, z, d in zip(net.layers, Z, Delta))
+
+
+def sample_sharding(X) -> NamedSharding | None:
+    """The sharding of `X` if it is a concrete array sharded along its sample axis only
+    (`NamedSharding(mesh, PartitionSpec(axes))`), else `None` (one device, replicated, or
+    traced). Results along samples are then constrained to the same sharding."""
+    sharding = getattr(X, "sharding", None) if isinstance(X, jax.Array) else None
+    if not isinstance(sharding, NamedSharding) or isinstance(X, jax.core.Tracer):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (X.ndim - len(sharding.spec))
+    if spec[0] is None or any(s is not None for s in spec[1:]):
+        return None
+    return sharding
+
+
+def _constrain(sharding, x, axis: int = 0):
+    """`x` with its axis `axis` (a sample axis) sharded like the samples (no-op without)."""
+    if sharding is None:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = sharding.spec[0]
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(sharding.mesh, PartitionSpec(*spec)))
 
 
 def kernel_matvec(
-    net: ReLUNet, X: Float[Array, "P d"], v: Float[Array, "P *k"]
+    net: ReLUNet, X: Float[Array, "P d"], v: Float[Array, "P *k"], *,
+    block_size: int | None = None,
 ) -> Float[Array, "P *k"]:
     """`K v` for the collective kernel `K = Σ_l s_l² G_{l-1} ⊙ Q_l` (I2) without forming K:
     one forward/backward pass for the fields, then per layer one product with `Z_{l-1}ᵀ`
     (a vjp) and one with `Z_{l-1}` (a jvp), O(P Σ_l N_l N_{l-1}) time and O(P Σ_l N_l)
-    memory (the Gram order is used instead where it is cheaper, I6).
+    memory (the Gram order is used instead where it is cheaper, I6). For large P the
+    products run over blocks of samples (`Layer.matmat`), so that no `(P, m, N_l)`
+    intermediate is formed: memory O(P Σ_l N_l + block · m · N_l).
+
+    With `X` sharded along its sample axis (`jax.sharding.NamedSharding(mesh,
+    PartitionSpec("samples"))`, over the devices of one or several processes), the result is
+    sharded the same way; only `(N_{l-1}, m N_l)` matrices are summed across devices.
 
     **Arguments:** `net`; `X` `(P, d)`; `v` shaped like the residual, `(P,)` or `(P, k)`, or
-    with a trailing batch axis, `(P, m)` / `(P, k, m)`, for several vectors at once.
+    with a trailing batch axis, `(P, m)` / `(P, k, m)`, for several vectors at once;
+    `block_size`: samples per block (default `None`: one block up to
+    `MATMAT_BLOCK_ELEMENTS` entries of `(P, m, N_l)`, then blocks below that).
 
     **Returns:** `K v`, shaped like `v`. For vector outputs
     `(K v)_{μi} = Σ_{νj} K[μ,ν,i,j] v_{νj}`.
@@ -39,10 +74,24 @@ def kernel_matvec(
     single = (P,) if k is None else (P, k)
     if v.shape[: len(single)] != single or v.ndim > len(single) + 1:
         raise ValueError(f"`v` must have shape {single} or {single + ('m',)}, got {v.shape}.")
+    _check_block_size(block_size)
+    return _matvec(net, X, v, block_size, sample_sharding(X))
+
+
+def _check_block_size(block_size):
+    if block_size is not None and (isinstance(block_size, bool)
+                                   or not isinstance(block_size, int) or block_size <= 0):
+        raise ValueError(f"`block_size` must be a positive int or None, got {block_size!r}.")
+
+
+@eqx.filter_jit
+def _matvec(net, X, v, block_size, sharding):
+    """`kernel_matvec` after validation, compiled once per shape."""
     _, Z, _, _, Delta, _ = fields(net, X)
-    if v.ndim == len(single):
-        return _kernel_matmat(net, Z, Delta, v[..., None])[..., 0]
-    return _kernel_matmat(net, Z, Delta, v)
+    single = v.ndim == (1 if net.out_dim is None else 2)
+    V = v[..., None] if single else v
+    KV = _constrain(sharding, _kernel_matmat(net, Z, Delta, V, block_size))
+    return KV[..., 0] if single else KV
 
 
 class KernelEigs(eqx.Module):
@@ -66,32 +115,58 @@ def _orthogonalize(W, Qs):
     return W
 
 
-def block_krylov_eigs(matmat, n: int, k: int, *, iters: int, key, dtype, oversample: int = 5):
+def _orthonormalize(W):
+    """Orthonormal columns spanning `W` `(n, b)` by Cholesky QR, three passes, each with a
+    small diagonal shift (`b ε tr WᵀW`; shifted Cholesky QR, Fukaya et al., SIAM J. Sci.
+    Comput. 2020): only the `(b, b)` Gram `WᵀW` is reduced over the rows, so a sharded `W`
+    is never gathered, and the shift keeps the factorization defined when `W` is
+    ill-conditioned or rank-deficient (the first pass tames the condition number, the next
+    two restore orthonormality to rounding; exactly dependent columns come out ≈ 0, which
+    adds only zero Ritz values)."""
+    b = W.shape[1]
+    eps = jnp.finfo(W.dtype).eps
+    eye = jnp.eye(b, dtype=W.dtype)
+    for _ in range(3):
+        G = W.T @ W
+        G = 0.5 * (G + G.T)
+        shift = b * eps * jnp.trace(G) + jnp.finfo(W.dtype).tiny
+        L = jnp.linalg.cholesky(G + shift * eye)
+        W = jax.scipy.linalg.solve_triangular(L, W.T, lower=True).T
+    return W
+
+
+def block_krylov_eigs(matmat, n: int, k: int, *, iters: int, key, dtype, oversample: int = 5,
+                      constrain=None):
     """Top-k eigenpairs of a symmetric PSD operator by randomized block Krylov iteration
     (block Lanczos with full reorthogonalization; Musco & Musco, NeurIPS 2015): the basis
     `[Q, A Q, A² Q, …]` of `iters` blocks of `k + oversample` columns, one product with A per
-    block, then Rayleigh–Ritz. Returns `(values, vectors, residuals)`."""
+    block, then Rayleigh–Ritz. Returns `(values, vectors, residuals)`.
+
+    Only reductions over the n rows to small matrices are used (Gram–Schmidt coefficients,
+    Cholesky QR, the Rayleigh quotient), so rows sharded over devices stay where they are;
+    `constrain(x, axis)` (default: none) pins the sharding of each `(…, n, …)` array."""
+    constrain = (lambda x, axis: x) if constrain is None else constrain
     b = k + oversample
-    Q0, _ = jnp.linalg.qr(matmat(jax.random.normal(key, (n, b), dtype)))
+    start = constrain(jax.random.normal(key, (n, b), dtype), 0)
+    Q0 = constrain(_orthonormalize(matmat(start)), 0)
 
     def body(i, carry):
         Qs, AQs, Q = carry
-        AQ = matmat(Q)
-        Qs, AQs = Qs.at[i].set(Q), AQs.at[i].set(AQ)
-        Q, _ = jnp.linalg.qr(_orthogonalize(AQ, Qs))
-        # Once the Krylov space is (numerically) exhausted the QR above normalizes noise;
+        AQ = constrain(matmat(Q), 0)
+        Qs, AQs = constrain(Qs.at[i].set(Q), 1), constrain(AQs.at[i].set(AQ), 1)
+        Q = _orthonormalize(_orthogonalize(AQ, Qs))
+        # Once the Krylov space is (numerically) exhausted the step above normalizes noise;
         # orthogonalizing its result again keeps the whole basis orthonormal.
-        Q, _ = jnp.linalg.qr(_orthogonalize(Q, Qs))
+        Q = constrain(_orthonormalize(_orthogonalize(Q, Qs)), 0)
         return Qs, AQs, Q
 
-    zeros = jnp.zeros((iters, n, b), dtype)
+    zeros = constrain(jnp.zeros((iters, n, b), dtype), 1)
     Qs, AQs, _ = jax.lax.fori_loop(0, iters, body, (zeros, zeros, Q0))
-    Q = Qs.transpose(1, 0, 2).reshape(n, iters * b)
-    AQ = AQs.transpose(1, 0, 2).reshape(n, iters * b)
-    T = Q.T @ AQ
+    T = jnp.einsum("inb,jnc->ibjc", Qs, AQs).reshape(iters * b, iters * b)
     theta, Y = jnp.linalg.eigh(0.5 * (T + T.T))
-    theta, Y = theta[::-1][:k], Y[:, ::-1][:, :k]
-    V, AV = Q @ Y, AQ @ Y
+    theta, Y = theta[::-1][:k], Y[:, ::-1][:, :k].reshape(iters, b, k)
+    V = constrain(jnp.einsum("inb,ibc->nc", Qs, Y), 0)
+    AV = constrain(jnp.einsum("inb,ibc->nc", AQs, Y), 0)
     residuals = jnp.linalg.norm(AV - V * theta[None, :], axis=0) / jnp.abs(theta)
     return theta, V, residuals
 
@@ -103,6 +178,7 @@ def kernel_eigs(
     k: int = 10,
     iters: int = 16,
     key: PRNGKeyArray | None = None,
+    block_size: int | None = None,
 ) -> KernelEigs:
     """Top-`k` eigenvalues and eigenvectors of the collective kernel, never forming K: a
     randomized block Krylov iteration (`block_krylov_eigs`) on the block product of
@@ -111,12 +187,19 @@ def kernel_eigs(
     dense `jnp.linalg.eigh` of `collective_kernel` is used instead. Check `residuals`:
     clustered eigenvalues converge more slowly; raise `iters` if they are not small.
 
+    With `X` sharded along its sample axis (a `NamedSharding` of a `jax.sharding.Mesh`), the
+    Krylov basis and the eigenvectors stay sharded the same way: the iteration only reduces
+    over samples to small matrices (Gram–Schmidt coefficients, Cholesky QR, the Rayleigh
+    quotient), and the eigenvectors come back sharded along samples.
+
     **Arguments:** `net`; `X` `(P, d)`; `k` eigenpairs; `iters`: Krylov blocks; `key`: for the
-    random start (default `jax.random.key(0)`).
+    random start (default `jax.random.key(0)`); `block_size`: samples per block of the kernel
+    products (`kernel_matvec`).
 
     **Returns:** `KernelEigs`.
     """
     X, _ = check_inputs(net, X)
+    _check_block_size(block_size)
     for name, value in [("k", k), ("iters", iters)]:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
@@ -131,11 +214,11 @@ def kernel_eigs(
         zero = jnp.zeros((k,), values.dtype)
         return KernelEigs(values, vectors.reshape(*shape, k), zero, jnp.asarray(0))
     key = jax.random.key(0) if key is None else key
-    return _krylov_eigs(net, X, key, k, iters)
+    return _krylov_eigs(net, X, key, k, iters, block_size, sample_sharding(X))
 
 
 @eqx.filter_jit
-def _krylov_eigs(net, X, key, k: int, iters: int) -> KernelEigs:
+def _krylov_eigs(net, X, key, k: int, iters: int, block_size, sharding) -> KernelEigs:
     """The block-Krylov path of `kernel_eigs`, compiled once per shape (an eager call would
     otherwise trace its loop again every time)."""
     P, kout = X.shape[0], net.out_dim or 1
@@ -144,8 +227,11 @@ def _krylov_eigs(net, X, key, k: int, iters: int) -> KernelEigs:
     _, Z, _, _, Delta, _ = fields(net, X)
 
     def matmat(V):  # (n, m) -> (n, m)
-        return _kernel_matmat(net, Z, Delta, V.reshape(*shape, V.shape[-1])).reshape(n, -1)
+        V = V.reshape(*shape, V.shape[-1])
+        return _kernel_matmat(net, Z, Delta, V, block_size).reshape(n, -1)
 
-    values, vectors, residuals = block_krylov_eigs(matmat, n, k, iters=iters, key=key,
-                                                   dtype=X.dtype)
-    return KernelEigs(values, vectors.reshape(*shape, k), residuals, jnp.asarray(iters))
+    values, vectors, residuals = block_krylov_eigs(
+        matmat, n, k, iters=iters, key=key, dtype=X.dtype,
+        constrain=lambda x, axis: _constrain(sharding, x, axis))
+    vectors = _constrain(sharding, vectors.reshape(*shape, k))
+    return KernelEigs(values, vectors, residuals, jnp.asarray(iters))

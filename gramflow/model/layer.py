@@ -22,6 +22,7 @@ Everything in gramflow that touches a layer goes through these few methods.
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -45,6 +46,69 @@ def generators(layers) -> tuple:
     """`(None, W̃_2, ..., W̃_L)`: the effective weights that generate the Gram operators of
     (I4)/(I5) (`W̃_1` never enters them)."""
     return (None, *(layer.effective() for layer in layers[1:]))
+
+
+# Entries of `E(V)` `(P, m, N_l)` above which `Layer.matmat` works in blocks of samples.
+MATMAT_BLOCK_ELEMENTS = 2**23
+
+
+def _sample_blocks(P: int, width: int, block_size: int | None) -> tuple[int, int]:
+    """`(nb, b)`: `nb` blocks of `b` samples (`nb · b ≥ P`, the rest zero padding) for
+    `Layer.matmat`, `width = m · N_l` entries per sample. Automatic: one block up to
+    `MATMAT_BLOCK_ELEMENTS` entries; beyond, a divisor `nb` of P (no padding) of at least the
+    needed count, preferring blocks whose size has many factors 2 (so that it divides evenly
+    over the devices of a sharded sample axis)."""
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+        nb = -(-P // block_size)
+        return (1, P) if nb == 1 else (nb, block_size)
+    if P * width <= MATMAT_BLOCK_ELEMENTS:
+        return 1, P
+    need = -(-P * width // MATMAT_BLOCK_ELEMENTS)
+    divisors = [nb for nb in range(need, min(4 * need, P) + 1) if P % nb == 0]
+    if divisors:
+        nb = max(divisors, key=lambda nb: (min(_twos(P // nb), 6), -nb))
+        return nb, P // nb
+    b = -(-P // need)
+    b = -(-b // 8) * 8
+    return -(-P // b), b
+
+
+def _twos(b: int) -> int:
+    return (b & -b).bit_length() - 1
+
+
+def _blocked_matmat(gather, spread, nb: int, b: int, z, d, V):
+    """`spread(Z, Δ, Σ_blocks gather(Z_b, Δ_b, V_b))` over `nb` blocks of `b` samples; block j
+    holds samples j, j + nb, j + 2 nb, … (a strided slice: on a sharded sample axis each device
+    keeps its own rows of every block)."""
+    P = V.shape[0]
+    pad = nb * b - P
+
+    def split(x):  # (P, ...) -> (b, nb, ...)
+        if pad:
+            x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+        return x.reshape(b, nb, *x.shape[1:])
+
+    zs, ds, Vs = split(z), split(d), split(V)
+
+    def take(x, j):
+        return jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False)
+
+    def block(j):
+        return take(zs, j), take(ds, j), take(Vs, j)
+
+    F0 = jax.eval_shape(gather, *block(0))
+    F = jax.lax.fori_loop(0, nb, lambda j, F: F + gather(*block(j)),
+                          jnp.zeros(F0.shape, F0.dtype))
+
+    def put(j, out):
+        zb, db, _ = block(j)
+        return jax.lax.dynamic_update_index_in_dim(out, spread(zb, db, F), j, axis=1)
+
+    out = jax.lax.fori_loop(0, nb, put, jnp.zeros((b, nb) + V.shape[1:], V.dtype))
+    return out.reshape(nb * b, *V.shape[1:])[:P]
 
 
 class LayerParams(eqx.Module):
@@ -241,25 +305,45 @@ class Layer(eqx.Module):
             tr = tr + jnp.sum(unit_sum(d, z) ** 2)
         return tr
 
-    def matmat(self, z, d, V):
+    def matmat(self, z, d, V, *, block_size: int | None = None):
         """`K_l V` for a block of vectors `V` `(P, *k, m)` without forming `K_l`: per part of
         the layer, two large products (`Zᵀ E(V)`, then `Z ·`), all m columns side by side (the
-        residual rate of I2 with V in place of r, batched). Returns `(P, *k, m)`."""
-        P = V.shape[0]
+        residual rate of I2 with V in place of r, batched). Returns `(P, *k, m)`.
+
+        The weight part is done in blocks of samples when `E(V)` `(P, m, N_l)` would be large
+        (more than `MATMAT_BLOCK_ELEMENTS` entries; `block_size` samples per block when given):
+        first `Zᵀ E` `(N_{l-1}, m N_l)` summed over blocks, then `Z (Zᵀ E)` block by block, so
+        that memory stays O(P (N_{l-1} + N_l) + block · m · N_l). A block is every `nb`-th
+        sample (a strided slice), so that under a sharding of the sample axis every device
+        holds its share of each block and the result stays sharded like `V`."""
+        P, m = V.shape[0], V.shape[-1]
         scalar = d.ndim == 2
         out = jnp.zeros_like(V)
         if "weights" in self.train:
-            if scalar:
-                E = V[:, :, None] * d[:, None, :]  # (P, m, N_l)
+            M = None if self.mask is None else jnp.asarray(self.mask.array, z.dtype)
+
+            def gather(zb, db, Vb):  # Zᵀ E of a block: (N_{l-1}, m·N_l) or (m, N_l, N_{l-1})
+                if scalar:
+                    E = Vb[:, :, None] * db[:, None, :]  # (b, m, N_l)
+                else:
+                    E = jnp.einsum("pkm,pkn->pmn", Vb, db)
+                if M is None:  # G_{l-1} E_l, never forming G
+                    return zb.T @ E.reshape(zb.shape[0], -1)
+                return jnp.einsum("pmn,pj,nj->mnj", E, zb, M)  # M ⊙ Eᵀ Z per column
+
+            def spread(zb, db, F):  # Z (Zᵀ E) of a block, contracted with Δ: (b, *k, m)
+                if M is None:
+                    U = (zb @ F).reshape(zb.shape[0], m, -1)
+                else:
+                    U = jnp.einsum("pj,mnj->pmn", zb, F)
+                return jnp.einsum("pn,pmn->pm", db, U) if scalar else jnp.einsum(
+                    "pkn,pmn->pkm", db, U)
+
+            nb, b = _sample_blocks(P, m * self.shape[0], block_size)
+            if nb == 1:
+                term = spread(z, d, gather(z, d, V))
             else:
-                E = jnp.einsum("pkm,pkn->pmn", V, d)
-            if self.mask is None:  # G_{l-1} E_l, never forming G
-                U = (z @ (z.T @ E.reshape(P, -1))).reshape(E.shape)
-            else:  # Z (M ⊙ Eᵀ Z)ᵀ per column
-                M = jnp.asarray(self.mask.array, z.dtype)
-                F = jnp.einsum("pmn,pj,nj->mnj", E, z, M)
-                U = jnp.einsum("pj,mnj->pmn", z, F)
-            term = jnp.einsum("pn,pmn->pm", d, U) if scalar else jnp.einsum("pkn,pmn->pkm", d, U)
+                term = _blocked_matmat(gather, spread, nb, b, z, d, V)
             out = out + self.coefficient**2 * term
         for part in ("gains", "skips"):
             if part in self.train:
