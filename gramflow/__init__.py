@@ -46,6 +46,7 @@ from .dynamics.engines import (
     WeightsState as WeightsState,
 )
 from .dynamics.lazy import LazyPredictions as LazyPredictions
+from .dynamics.minibatch import batch_schedule as batch_schedule
 from .dynamics.lazy import lazy_predictions as lazy_predictions
 from .dynamics.observables import (
     OBSERVABLES as OBSERVABLES,
@@ -91,6 +92,9 @@ from .dynamics.observables import (
 )
 from .dynamics.observables import (
     Loss as Loss,
+)
+from .dynamics.observables import (
+    GradientNoise as GradientNoise,
 )
 from .dynamics.observables import (
     OperatorDrift as OperatorDrift,

@@ -225,9 +225,10 @@ def _balance(ws):
 def test_observables_match_direct_computation(getkey, engine):
     net, X, y = problem(getkey(), 3, out_dim=2, P=8)
     # Every observable, balance_drift too: the collective engine rebuilds W_1 from its fields.
-    # (those of test sites are checked in test_spectators.py)
+    # (those of test sites are checked in test_spectators.py, gradient_noise in test_sgd.py)
     names = [n for n in gf.OBSERVABLES if n not in ("test_loss", "test_error", "test_output",
-                                                     "cross_kernel", "test_alignment")]
+                                                     "cross_kernel", "test_alignment",
+                                                     "gradient_noise")]
     traj = gf.simulate(net, X, y, steps=6, lr=0.02, engine=engine, observables=names, top_m=3,
                        record_every=3)
     obs = traj.observables

@@ -4,7 +4,11 @@ A user picks an engine object (`Weights`, `Collective`, `FrozenKernel`); `simula
 call its `build` with the problem, which returns a *run*: an `eqx.Module` with
 
 - `init()`: the carried state at t = 0;
-- `step(state, lr)`: one gradient-descent step, returning `(new_state, loss_before)`;
+- `step(state, lr, batch=None)`: one gradient-descent step, returning
+  `(new_state, loss_before)`; with `batch`, an int array `(B,)` of sample indices, one SGD
+  step on the loss `½ Σ_{μ∈batch} r_μ²` of those samples (an index listed twice counts
+  twice) — for the collective engine (I10): (I8) with `E_l` replaced by `m ⊙ E_l`, the other
+  sites moving as spectators;
 - `rate(state, lr)`: the gradient-flow time derivative of the state (for diffrax);
 - `view(state)`: the fields observables read (`_observables.View`);
 - `final(state)`: the network at the end of the run.
@@ -35,6 +39,7 @@ from ..model.network import (
     with_parameters,
 )
 from .lazy import _decay_and_phi
+from .minibatch import batch_weights, weigh
 from .observables import Spectators, View
 from .optimizer import as_pytree
 
@@ -153,19 +158,23 @@ class _WeightsRun(eqx.Module):
     Xs: Array | None = None
     ys: Array | None = None
 
-    def loss(self, params):
-        f = forward(with_parameters(self.net, params), self.X)[-1]
-        return 0.5 * jnp.sum((f - self.y) ** 2)
+    def loss(self, params, batch=None):
+        X, y = (self.X, self.y) if batch is None else (self.X[batch], self.y[batch])
+        f = forward(with_parameters(self.net, params), X)[-1]
+        return 0.5 * jnp.sum((f - y) ** 2)
 
     def init(self) -> WeightsState:
         params = parameters(self.net)
         return WeightsState(params, None if self.optimizer is None else self.optimizer.init(params))
 
-    def step(self, st: WeightsState, lr):
-        loss, grads = jax.value_and_grad(self.loss)(st.params)
+    def step(self, st: WeightsState, lr, batch=None):
+        """One step on the loss of `batch` (all samples when `None`): forward and backward
+        through the batch rows only, O(B) rather than O(P)."""
+        loss_fn = lambda p: self.loss(p, batch)  # noqa: E731
+        loss, grads = jax.value_and_grad(loss_fn)(st.params)
         extra = {}
         if isinstance(self.optimizer, optax.GradientTransformationExtraArgs):
-            extra = dict(value=loss, grad=grads, value_fn=self.loss)
+            extra = dict(value=loss, grad=grads, value_fn=loss_fn)
         updates, opt_state = self.optimizer.update(grads, st.opt_state, st.params, **extra)
         return WeightsState(optax.apply_updates(st.params, updates), opt_state), loss
 
@@ -244,6 +253,10 @@ class Collective(AbstractEngine):
         Hs0 = None if Xs is None else forward(net, Xs)[0][0]
         return _CollectiveRun(net, X, y, C, op0, transport, self.closure is not None, continuous,
                               Xs, ys, Hs0)
+
+
+def _batch_loss(r, m):
+    return 0.5 * jnp.sum(r**2 if m is None else weigh(m, r**2))
 
 
 def _residual(net: ReLUNet, y, H_L):
@@ -339,9 +352,11 @@ class _CollectiveRun(eqx.Module):
         return View(r=r, H=st.H, Z=Z, D=D, Delta=Delta, layers=layers, weights=W_op,
                     op_masks=D_op, net=net, test=test)
 
-    def _descent(self, v: View):
-        """`dθ = −∂L/∂θ` per layer (layer 1 without its weight) and `dA` (η = 1)."""
-        E = tuple(residual_weighted(v.r, d) for d in v.Delta)
+    def _descent(self, v: View, m=None):
+        """`dθ = −∂L/∂θ` per layer (layer 1 without its weight) and `dA` (η = 1); with a batch
+        weight `m` `(P,)`, of the batch loss `½ Σ_μ m_μ r_μ²`: `E_l → m ⊙ E_l` (I10)."""
+        r = v.r if m is None else weigh(m, v.r)
+        E = tuple(residual_weighted(r, d) for d in v.Delta)
         grads = [layer.gradients(e, z, weights=l > 0)
                  for l, (layer, e, z) in enumerate(zip(v.layers, E, v.Z))]
         dtheta = tuple(jax.tree.map(jnp.negative, g) for g in grads)
@@ -349,7 +364,7 @@ class _CollectiveRun(eqx.Module):
         dA = -first.coefficient * E[0].T if "weights" in first.train else None
         return E, dtheta, dA
 
-    def step(self, st: FieldState, lr):
+    def step(self, st: FieldState, lr, batch=None):
         """One GD step by the exact maps (I8), in folded form for l ≥ 2: with the updated
         parameters θ' = θ − η ∂L/∂θ read off the fields (I1),
 
@@ -359,11 +374,14 @@ class _CollectiveRun(eqx.Module):
 
         — the transport term plus the mixed-Gram term of (I8), summed into the new generator
         (the two share `E_lᵀ Z_{l-1}`). A closure takes an Euler step of its flow instead.
+        With a `batch`, `E_l → m ⊙ E_l` (I10): every site moves, those outside the batch as
+        spectators.
         """
+        m = None if batch is None else batch_weights(batch, self.X.shape[0], self.X.dtype)
         if self.closure:
-            return self._euler_step(st, lr)
+            return self._euler_step(st, lr, m)
         v = self.view(st)
-        E, dtheta, dA = self._descent(v)
+        E, dtheta, dA = self._descent(v, m)
         first = v.layers[0]
         dH1 = first.push(self.X, self.X, E[0], gram_pz=self.C)
         H = [st.H[0] + lr * dH1 + self._second_order(first, E[0], lr)]
@@ -377,7 +395,7 @@ class _CollectiveRun(eqx.Module):
         A = None if dA is None else st.coefficient + lr * dA
         out = FieldState(H=tuple(H), B=B[:-1], r=_residual(self.net, self.y, H[-1]),
                          weights=new, coefficient=A)
-        return out, 0.5 * jnp.sum(v.r**2)
+        return out, _batch_loss(v.r, m)
 
     def _second_order(self, layer, E, lr):
         """`X (dg s (M ⊙ dW))ᵀ η²`: the one bilinear term of `W̃ = g s (W ⊙ M)` when a layer
@@ -388,11 +406,11 @@ class _CollectiveRun(eqx.Module):
         g = layer.gradients(E, self.X)
         return lr**2 * g.gain * layer.scale * (self.X @ layer.masked(g.weight).T)
 
-    def _euler_step(self, st: FieldState, lr):
+    def _euler_step(self, st: FieldState, lr, m=None):
         """A closure in discrete time: an Euler step of its flow, plus the jumps of the
         conjugate fields where a step flips activations: `B_{l-1}` gains
         `((D'_l − D_l) ⊙ B_l) W̃_l`, transported down like (I5) (and truncated alike)."""
-        d = self.rate(st, lr)
+        d = self._rate(st, lr, m)
         add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
         H, B = add(st.H, d.H), add(st.B, d.B)
         if B:
@@ -407,17 +425,21 @@ class _CollectiveRun(eqx.Module):
         A = None if st.coefficient is None else st.coefficient + d.coefficient
         new = FieldState(H=H, B=B, r=_residual(self.net, self.y, H[-1]),
                          weights=add(st.weights, d.weights), coefficient=A)
-        return new, 0.5 * jnp.sum(st.r**2)
+        return new, _batch_loss(st.r, m)
 
     def rate(self, st: FieldState, lr) -> FieldState:
         """Gradient-flow derivative of the carried fields: (I4) for H, (I5) for B (closures
         only; see `FieldState`), and `dθ = −∂L/∂θ` for the generators. The residual is read
         off `H_L`, so it obeys (I2) along the fields."""
+        return self._rate(st, lr)
+
+    def _rate(self, st: FieldState, lr, m=None) -> FieldState:
         v = self.view(st)
         D_op = v.D if v.op_masks is None else v.op_masks
-        _, dH, dB, _ = rates(v.layers, v.Z, v.D, v.Delta, v.r, transport=self.transport,
+        r = v.r if m is None else weigh(m, v.r)
+        _, dH, dB, _ = rates(v.layers, v.Z, v.D, v.Delta, r, transport=self.transport,
                              operators=(v.weights, D_op))
-        _, dtheta, dA = self._descent(v)
+        _, dtheta, dA = self._descent(v, m)
         rate = FieldState(H=dH, B=dB[:-1] if st.B else (), r=None, weights=dtheta,
                           coefficient=dA)
         return jax.tree.map(lambda a: lr * a, rate)
@@ -456,11 +478,19 @@ class FrozenKernelRun(eqx.Module):
         c = self.U.T @ self.r0.reshape(-1)
         return c if self.KsU is None else (c, jnp.zeros_like(c))
 
-    def step(self, st, lr):
-        if self.KsU is None:
-            return (1 - lr * self.lam) * st, 0.5 * jnp.sum(st**2)
-        c, a = st
-        return ((1 - lr * self.lam) * c, a + lr * c), 0.5 * jnp.sum(c**2)
+    def step(self, st, lr, batch=None):
+        """`c ← c − η λ ⊙ g`, `a ← a + η g` with `g = c` for a full step and
+        `g = Uᵀ (m ⊙ U c)` for a mini-batch (I10: `r ← r − η K₀ (m ⊙ r)`, O(P²) per step)."""
+        c = st if self.KsU is None else st[0]
+        if batch is None:
+            g, loss = c, 0.5 * jnp.sum(c**2)
+        else:
+            m = batch_weights(batch, self.r0.shape[0], c.dtype)
+            r = (self.U @ c).reshape(self.r0.shape)
+            g = self.U.T @ weigh(m, r).reshape(-1)
+            loss = _batch_loss(r, m)
+        c = c - lr * self.lam * g
+        return (c if self.KsU is None else (c, st[1] + lr * g)), loss
 
     def rate(self, st, lr):
         if self.KsU is None:
@@ -496,9 +526,9 @@ class Paired(eqx.Module):
     def init(self):
         return self.main.init(), self.ref.init()
 
-    def step(self, state, lr):
-        a, loss = self.main.step(state[0], lr)
-        b, _ = self.ref.step(state[1], lr)
+    def step(self, state, lr, batch=None):
+        a, loss = self.main.step(state[0], lr, batch)
+        b, _ = self.ref.step(state[1], lr, batch)
         return (a, b), loss
 
     def rate(self, state, lr):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -332,6 +333,42 @@ class TestAlignment(AbstractObservable):
         return y @ Kf @ y / (jnp.linalg.norm(Kf) * (y @ y))
 
 
+class GradientNoise(AbstractObservable):
+    """Noise of a mini-batch gradient against its mean, `(2,)`: `[tr Cov g_b, ‖E g_b‖²]`.
+
+    `g_b = Σ_{μ∈b} g_μ` is the gradient of the batch loss `½ Σ_{μ∈b} r_μ²` of a batch of
+    `batch_size` = B samples drawn without replacement from the P training sites, at the
+    current fields. With `g_μ = r_μ ∂f_μ/∂θ`: `‖g_μ‖² = r_μᵀ K_μμ r_μ` and `‖Σ_μ g_μ‖² = rᵀ K r`
+    (I2), so, for the per-sample covariance `tr Σ = (1/P) Σ_μ ‖g_μ‖² − ‖(1/P) Σ_μ g_μ‖²`,
+
+        tr Cov g_b = B (P − B) / (P − 1) · tr Σ,        E g_b = (B / P) ∇L.
+
+    O(P N) for the kernel's diagonal plus one matrix-free product `K r` (I6). Full batch
+    (B = P) has no noise.
+    """
+
+    name: ClassVar[str] = "gradient_noise"
+    dims: ClassVar[tuple[str, ...]] = ("statistic",)
+    batch_size: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or self.batch_size <= 0:
+            raise ValueError(f"`batch_size` must be a positive int, got {self.batch_size!r}.")
+
+    def __call__(self, view, ref):
+        r, P, B = view.r, view.r.shape[0], self.batch_size
+        diag = sum(jax.vmap(lambda z, d, layer=layer: layer.kernel(z[None], d[None])[0, 0])(z, d)
+                   for layer, z, d in zip(view.layers, view.Z, view.Delta))  # (P,) / (P, k, k)
+        per_sample = diag * r**2 if r.ndim == 1 else jnp.einsum("pi,pij,pj->p", r, diag, r)
+        Kr = sum(layer.matmat(z, d, r[..., None])[..., 0]
+                 for layer, z, d in zip(view.layers, view.Z, view.Delta))
+        full = jnp.sum(r * Kr)  # ‖∇L‖²
+        var = jnp.mean(per_sample) - full / P**2
+        factor = B * (P - B) / (P - 1) if P > 1 else 0.0
+        return jnp.stack([factor * var, (B / P) ** 2 * full])
+
+
 class Function(AbstractObservable):
     """A plain callable `fn(view) -> array` as an observable (how user functions enter)."""
 
@@ -344,14 +381,15 @@ class Function(AbstractObservable):
 _BUILTIN = (Loss, Residual, KernelTrace, KernelShare, ActiveFraction, KernelEigenvalues,
             LayerKernelEigenvalues, KernelDrift, ConditionNumber, Alignment, CoactivationDrift,
             Kernel, BalanceDrift, OperatorDrift, TestLoss, TestError, TestOutput, CrossKernel,
-            TestAlignment)
+            TestAlignment, GradientNoise)
 _SHAPES = {"loss": "()", "r": "(P,) or (P, k)", "kernel_trace": "(L,)", "kernel_share": "(L,)",
            "active_fraction": "(L,)", "kernel_eigs": "(m,)", "layer_kernel_eigs": "(L, m)",
            "kernel_drift": "()", "condition_number": "()", "alignment": "()",
            "coactivation_drift": "(L,)", "kernel": "(P, P) or (P, P, k, k)",
            "balance_drift": "(L,)", "operator_drift": "(n_pairs,)", "test_loss": "()",
            "test_error": "()", "test_output": "(Q,) or (Q, k)",
-           "cross_kernel": "(Q, P) or (Q, P, k, k)", "test_alignment": "()"}
+           "cross_kernel": "(Q, P) or (Q, P, k, k)", "test_alignment": "()",
+           "gradient_noise": "(2,)"}
 #: name -> (shape per record, description) of the built-in observables (`L` hidden layers,
 #: `m` = `top_m`); the names are what the command line and `observables=` strings accept.
 OBSERVABLES = {cls.name: (_SHAPES[cls.name], cls.__doc__.split("\n")[0]) for cls in _BUILTIN}
@@ -360,27 +398,36 @@ DEFAULT_OBSERVABLES = ("loss", "r", "kernel_trace", "kernel_share", "active_frac
 RESERVED = frozenset({"step", "first_nonfinite", "closure_error", "field_error"})
 FIELD_FREE = ("loss", "r")  # what an engine that carries only r can record
 TEST_DEFAULTS = ("test_loss", "test_error")  # added to the defaults when a run has a test set
+BATCH_DEFAULTS = ("gradient_noise",)  # added to the defaults of a mini-batch run with fields
 
 
-def _builtin(name: str, top_m: int) -> AbstractObservable:
+def _builtin(name: str, top_m: int, batch_size: int | None) -> AbstractObservable:
     cls = next(c for c in _BUILTIN if c.name == name)
+    if cls is GradientNoise:
+        if batch_size is None:
+            raise ValueError("observable 'gradient_noise' describes mini-batch steps: give the "
+                             "run a `batch_size` (or `batches`), or pass "
+                             "gramflow.GradientNoise(batch_size=B) for a batch size of your own.")
+        return cls(batch_size=batch_size)
     return cls(m=top_m) if cls in (KernelEigenvalues, LayerKernelEigenvalues) else cls()
 
 
-def resolve(observables, *, fields: bool, top_m: int,
-            test: bool = False) -> dict[str, AbstractObservable]:
+def resolve(observables, *, fields: bool, top_m: int, test: bool = False,
+            batch_size: int | None = None) -> dict[str, AbstractObservable]:
     """`observables` as an ordered dict name → `AbstractObservable`, `loss` first.
 
     Accepts `None` (the engine's cheap defaults), a sequence of built-in names, observable
     objects (named by their `name`) and callables `fn(view)` (named by `fn.__name__`), or a
     mapping name → any of those. `fields` says whether the engine carries fields
-    (`FrozenKernel` carries only r); `test` whether the run has spectator sites.
+    (`FrozenKernel` carries only r); `test` whether the run has spectator sites;
+    `batch_size` the size of its mini-batches (`None`: full batch).
     """
     if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m <= 0:
         raise ValueError(f"`top_m` must be a positive int, got {top_m!r}.")
     if observables is None:
         observables = (DEFAULT_OBSERVABLES if fields else FIELD_FREE) + (
-            TEST_DEFAULTS if test else ())
+            TEST_DEFAULTS if test else ()) + (
+            BATCH_DEFAULTS if fields and batch_size is not None else ())
     if isinstance(observables, (str, AbstractObservable)) or callable(observables) \
             and not isinstance(observables, Mapping):
         observables = (observables,)
@@ -393,7 +440,7 @@ def resolve(observables, *, fields: bool, top_m: int,
                 raise ValueError(f"unknown observable {obs!r} in `observables`; choose from "
                                  f"{sorted(OBSERVABLES)}, or pass an observable object or a "
                                  "function of the fields.")
-            obs = _builtin(obs, top_m)
+            obs = _builtin(obs, top_m, batch_size)
         elif not isinstance(obs, AbstractObservable):
             if not callable(obs):
                 raise TypeError(f"`observables` entries must be names, observables or "

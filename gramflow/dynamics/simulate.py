@@ -9,11 +9,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ..fields.operators import DEFAULT_MAX_BYTES, operator_bytes
 from ..model.network import ReLUNet, _positive_int, check_inputs
 from .engines import AbstractEngine, FrozenKernelRun, Paired, Weights
+from .minibatch import batch_schedule, check_batches
 from .observables import OperatorDrift, closure_errors, observe, references, resolve
 
 
@@ -168,31 +169,35 @@ def check_test(net, test):
 
 @eqx.filter_jit
 def _simulate(net, X, y, lr, steps, record_every, engine, reference_engine, obs,
-              state, test=None):
+              state, test=None, batches=None):
     run = _build(net, X, y, engine, reference_engine, lr, False, test)
     state0 = run.init()
     refs = references(run.view(state0), y, obs)  # drifts: against t = 0 of net
     state = state0 if state is None else _check_state(state, state0)
     record = lambda s: _record(run, s, obs, refs)  # noqa: E731
 
-    def advance(state, n):
-        def one(state, _):
-            return run.step(state, lr)
+    def advance(state, n, bs):
+        if bs is None:
+            return jax.lax.scan(lambda s, _: run.step(s, lr), state, None, length=n)
+        return jax.lax.scan(lambda s, b: run.step(s, lr, b), state, bs)
 
-        return jax.lax.scan(one, state, None, length=n)
-
-    def chunk(state, _):
-        state, losses = advance(state, record_every)
+    def chunk(state, bs):
+        state, losses = advance(state, record_every, bs)
         return state, (record(state), losses)
 
     first = record(state)
     n_records, rest = divmod(steps, record_every)
-    state, (records, losses) = jax.lax.scan(chunk, state, None, length=n_records)
+    per_chunk = tail_batches = None
+    if batches is not None:
+        cut = n_records * record_every
+        per_chunk = batches[:cut].reshape(n_records, record_every, -1)
+        tail_batches = batches[cut:]
+    state, (records, losses) = jax.lax.scan(chunk, state, per_chunk, length=n_records)
     pieces = [jax.tree.map(lambda x: x[None], first), records]
     step_losses = [losses.reshape(-1)]
     marks = [np.arange(n_records + 1) * record_every]
     if rest:
-        state, tail = advance(state, rest)
+        state, tail = advance(state, rest, tail_batches)
         pieces.append(jax.tree.map(lambda x: x[None], record(state)))
         step_losses.append(tail)
         marks.append(np.array([steps]))
@@ -207,7 +212,7 @@ def simulate(
     X: Float[Array, "P d"],
     y: Float[Array, "P *k"],
     *,
-    steps: int,
+    steps: int | None = None,
     lr: float | Array | None = None,
     engine: AbstractEngine = Weights(),
     record_every: int = 1,
@@ -216,6 +221,9 @@ def simulate(
     reference: AbstractEngine | None = None,
     state: PyTree = None,
     test: tuple | None = None,
+    batch_size: int | None = None,
+    key: PRNGKeyArray | None = None,
+    batches: Int[Array, "steps B"] | None = None,
 ) -> Trajectory:
     """Gradient descent on `L = ½ Σ_μ r_μ²` (sum-reduced), `θ ← θ − η ∂L/∂θ` over the trained
     parameters, for `steps` steps; the whole loop is one `jax.lax.scan` under `jit`.
@@ -259,29 +267,65 @@ def simulate(
       sites (for one hidden layer without any weight matrix), under the frozen kernel by
       `K₀(X_test, X)`. Adds `test_loss` and `test_error` to the default observables; also
       available: `test_output`, `cross_kernel`, `test_alignment`.
+    - `batch_size`, `key`: mini-batch SGD (I10): step n takes the loss `½ Σ_{μ∈b_n} r_μ²` of
+      its batch `b_n` of `batch_size` samples, drawn from `key` without replacement within an
+      epoch (`gramflow.batch_schedule(key, P, batch_size, steps)`). Every engine takes it:
+      the weights engine runs forward and backward on the batch rows; the collective engine
+      replaces `E_l` by `m ⊙ E_l` in the exact maps (I8), so it stays exact and the other
+      sites move as spectators; the frozen kernel steps `r ← r − η K₀ (m ⊙ r)`. Records are
+      on the full training set (`loss` is the full-batch loss; the loss of each step's batch
+      decides `first_nonfinite`), and `gradient_noise` joins the defaults.
+    - `batches`: instead of `batch_size` and `key`, the batches themselves, an int array
+      `(steps, B)` of sample indices (an index listed twice in a row counts twice); `steps`
+      may then be left out.
 
     **Returns:** a `Trajectory`. If the loss stops being finite, `first_nonfinite` says when
     and, when called eagerly, a `RuntimeWarning` suggests a smaller `lr`.
     """
     X, y = check_inputs(net, X, y)
-    steps = _positive_int("steps", steps)
+    batches = _check_sgd(X.shape[0], steps, batch_size, key, batches)
+    steps = _positive_int("steps", batches.shape[0] if steps is None and batches is not None
+                          else steps)
     record_every = _positive_int("record_every", record_every)
     engine = _check_engine("engine", engine)
     reference_engine = _check_engine("reference", reference, optional=True)
     test = check_test(net, test)
     obs = resolve(observables, fields=engine.carries_fields, top_m=top_m,
-                  test=test is not None)
+                  test=test is not None,
+                  batch_size=None if batches is None else batches.shape[1])
     _check_operator_size(net, X.shape[0], obs)
     lr = _resolve_lr(engine, reference_engine, lr, net.dtype)
     if state is not None and reference_engine is not None:
         raise ValueError("`state` resumes a single run; it cannot be combined with `reference`.")
     recs, final, end, bad, marks = _simulate(
-        net, X, y, lr, steps, record_every, engine, reference_engine, obs, state, test
+        net, X, y, lr, steps, record_every, engine, reference_engine, obs, state, test, batches
     )
     traj = _trajectory(recs, final, bad, engine, step=jnp.asarray(marks),
                        state=end[0] if reference_engine is not None else end)
     _warn_if_diverged(traj, lr, "step")
     return traj
+
+
+def _check_sgd(P, steps, batch_size, key, batches):
+    """The `(steps, B)` batches of a mini-batch run, or `None` for full-batch GD."""
+    if batches is not None:
+        if batch_size is not None or key is not None:
+            raise ValueError("give either `batches` (the batches themselves) or `batch_size` "
+                             "and `key` (to draw them), not both.")
+        return check_batches(batches, P, steps)
+    if batch_size is None:
+        if key is not None:
+            raise ValueError("`key` draws mini-batches: give `batch_size` too (or drop `key` "
+                             "for full-batch gradient descent).")
+        if steps is None:
+            raise ValueError("`steps` is required (the number of updates).")
+        return None
+    if key is None:
+        raise ValueError("`batch_size` needs a `key` to draw the batches from, e.g. "
+                         "key=jax.random.key(0); or pass `batches` yourself.")
+    if steps is None:
+        raise ValueError("`steps` is required (the number of updates).")
+    return batch_schedule(key, P, batch_size, _positive_int("steps", steps))
 
 
 def _trajectory(recs, final, bad, engine, **extra):
