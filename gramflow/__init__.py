@@ -201,6 +201,7 @@ from .studies.closure import CLOSURES as CLOSURES
 from .studies.closure import ClosureStudy as ClosureStudy
 from .studies.closure import closure_engine as closure_engine
 from .studies.closure import closure_study as closure_study
+from .studies.data import load_data as load_data
 from .studies.data import load_digits as load_digits
 from .studies.data import teacher_student as teacher_student
 from .studies.limits import LimitStudy as LimitStudy

@@ -197,11 +197,34 @@ def _add_options(parser, options: dict) -> None:
 
 
 def _data(c):
-    """The built-in data set of a configuration (`data`, `samples`, `seed`), in its `dtype`."""
+    """The data set of a configuration, in its `dtype`: a built-in one (`data` in `DATA`,
+    `samples` of them, default 64, drawn with `seed`), or a `.npz` file / directory of `.npy`
+    files (`gramflow.load_data`; the first `samples` rows if given)."""
+    import jax.numpy as jnp
+
+    from ..studies.data import load_data
     from . import demo as demo
 
-    X, y = demo.dataset(c["data"], c["samples"], seed=c.get("seed", 0))
-    return X.astype(c["dtype"]), y.astype(c["dtype"])
+    if c["data"] in DATA:
+        X, y = demo.dataset(c["data"], c["samples"] or 64, seed=c.get("seed", 0))
+        return X.astype(c["dtype"]), y.astype(c["dtype"])
+    if not os.path.exists(c["data"]):
+        raise ValueError(f"`--data` must be one of {DATA} or the path of a .npz file or a "
+                         f"directory of X.npy, y.npy; no such file: {c['data']}")
+    X, y = load_data(c["data"])
+    if c["samples"] is not None:
+        if c["samples"] > X.shape[0]:
+            raise ValueError(f"`--samples` = {c['samples']} exceeds the {X.shape[0]} rows of "
+                             f"{c['data']}.")
+        X, y = X[: c["samples"]], y[: c["samples"]]
+    return jnp.asarray(X, c["dtype"]), jnp.asarray(y, c["dtype"])
+
+
+DATA_OPTION = dict(help="'teacher' (seeded teacher–student task), 'digits' (scikit-learn's "
+                   "bundled digits) or your own data: a .npz file with arrays X and y, or a "
+                   "directory holding X.npy and y.npy (memory-mapped)")
+SAMPLES_OPTION = dict(type=int, help="number of samples P (built-in data: default 64; a file: "
+                      "its first P rows, default all)")
 
 
 DTYPES = ("float64", "float32")
@@ -233,8 +256,8 @@ def _simulate_options():
     from ..model.network import PARAMETRIZATIONS
 
     return dict(
-        data=dict(choices=DATA),
-        samples=dict(type=int),
+        data=DATA_OPTION,
+        samples=SAMPLES_OPTION,
         depth=dict(type=int),
         width=dict(type=int),
         parametrization=dict(choices=PARAMETRIZATIONS),
@@ -244,6 +267,8 @@ def _simulate_options():
         reference=dict(choices=(*ENGINES, "none")),
         record_every=dict(type=int),
         seed=dict(type=int),
+        batch_size=dict(type=int, help="mini-batch SGD with batches of this size, drawn from "
+                        "the seed (default: full-batch gradient descent)"),
         **_common_options(),
     )
 
@@ -252,8 +277,8 @@ def _sweep_options():
     from ..model.network import PARAMETRIZATIONS
 
     return dict(
-        data=dict(choices=DATA),
-        samples=dict(type=int),
+        data=DATA_OPTION,
+        samples=SAMPLES_OPTION,
         depths=dict(type=int, nargs="+"),
         widths=dict(type=int, nargs="+"),
         seeds=dict(type=int, nargs="+"),
@@ -267,10 +292,18 @@ def _sweep_options():
     )
 
 
-SIMULATE_DEFAULTS = dict(data="teacher", samples=64, depth=2, width=128, parametrization="ntk",
-                         steps=500, lr=None, engine="collective", reference="weights",
-                         record_every=10, seed=0, out="gramflow-simulate", structure="plain",
-                         dtype="float64", observables=None)
+SIMULATE_DEFAULTS = dict(data="teacher", samples=None, depth=2, width=128,
+                         parametrization="ntk", steps=500, lr=None, engine="collective",
+                         reference="weights", record_every=10, seed=0, out="gramflow-simulate",
+                         structure="plain", dtype="float64", observables=None, batch_size=None)
+
+
+def batch_key(seed: int):
+    """The key the command line draws mini-batches from: `fold_in(key(seed), 1)` (the
+    network is drawn from `key(seed + 1)`)."""
+    import jax
+
+    return jax.random.fold_in(jax.random.key(seed), 1)
 
 
 def _simulate(args) -> int:
@@ -296,9 +329,11 @@ def _simulate(args) -> int:
         lr = 0.5 / float(np.linalg.eigvalsh(np.asarray(gf.collective_kernel(net, X)))[-1])
     reference = (None if c["reference"] in (None, "none", c["engine"])
                  else _engine(c["reference"]))
+    sgd = {} if c["batch_size"] is None else dict(batch_size=c["batch_size"],
+                                                  key=batch_key(c["seed"]))
     traj = gf.simulate(net, X, y, steps=c["steps"], lr=lr, engine=_engine(c["engine"]),
                        record_every=c["record_every"], reference=reference,
-                       observables=c["observables"])
+                       observables=c["observables"], **sgd)
     out = os.path.abspath(c["out"])
     os.makedirs(out, exist_ok=True)
     arrays = {"loss": np.asarray(traj.loss), "step": np.asarray(traj.step)}
@@ -317,7 +352,8 @@ def _simulate(args) -> int:
     if _figures_available():
         from ..studies.plots import trajectory_figure
 
-        trajectory_figure(out, traj, f"{c['data']}, L = {c['depth']}, width {c['width']}, "
+        name = os.path.basename(str(c["data"]))
+        trajectory_figure(out, traj, f"{name}, L = {c['depth']}, width {c['width']}, "
                                      f"{c['engine']}")
     print(f"wrote results to {out}")
     return 0
@@ -334,7 +370,8 @@ def _provenance(X, dims) -> dict:
 def _simulate_dims(arrays, c, engine) -> dict:
     from ..dynamics.observables import dims_of, resolve
 
-    objs = resolve(c["observables"], fields=engine.carries_fields, top_m=5)
+    objs = resolve(c["observables"], fields=engine.carries_fields, top_m=5,
+                   batch_size=c.get("batch_size"))
     dims = {"loss": ["record"], "step": ["record"]}
     for name, value in arrays.items():
         if name not in dims:
@@ -342,7 +379,7 @@ def _simulate_dims(arrays, c, engine) -> dict:
     return dims
 
 
-SWEEP_DEFAULTS = dict(data="teacher", samples=64, depths=[1, 2], widths=[32, 128],
+SWEEP_DEFAULTS = dict(data="teacher", samples=None, depths=[1, 2], widths=[32, 128],
                       seeds=[0, 1], lrs=[0.05, 0.1], steps=200, engine="weights",
                       parametrization="ntk", record_every=10, out="gramflow-sweep",
                       max_bytes=None, structure="plain", dtype="float64", observables=None)

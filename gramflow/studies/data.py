@@ -61,3 +61,52 @@ def load_digits(*, samples: int | None = None, key=None, dtype=None):
         X, y = X[idx], y[idx]
     dtype = jnp.result_type(float) if dtype is None else dtype
     return jnp.asarray(X, dtype), jnp.asarray(y, dtype)
+
+
+def load_data(path, *, split: str = "train", dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Your own data from disk, as numpy arrays `(X, y)` of shapes `(P, d)` and `(P,)` /
+    `(P, k)`.
+
+    - a `.npz` file with arrays `X` and `y` (and `X_test`, `y_test` for `split="test"`);
+    - a directory holding `X.npy` and `y.npy` (`X_test.npy`, `y_test.npy`): memory-mapped,
+      so nothing is read until used — hand a slice of rows to each device or process
+      (`jax.make_array_from_callback`) and each reads only its own.
+
+    `dtype` (e.g. `"float32"`) casts, which reads the data; by default the stored dtype is
+    kept. Pass the arrays to `simulate`, `sweep` or the kernels like any others
+    (`gramflow simulate --data PATH` at the command line).
+    """
+    import os
+
+    if split not in ("train", "test"):
+        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
+    names = ("X", "y") if split == "train" else ("X_test", "y_test")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = [os.path.join(path, f"{n}.npy") for n in names]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"`path` {path} is a directory without {missing}: it must "
+                                    f"hold {names[0]}.npy and {names[1]}.npy.")
+        X, y = (np.load(f, mmap_mode="r") for f in files)
+    elif path.endswith(".npz"):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"`path`: no file {path}.")
+        with np.load(path) as data:
+            missing = [n for n in names if n not in data.files]
+            if missing:
+                raise KeyError(f"{path} has arrays {data.files} but not {missing}; save it "
+                               f"with np.savez(path, {names[0]}=..., {names[1]}=...).")
+            X, y = data[names[0]], data[names[1]]
+    else:
+        raise ValueError(f"`path` must be a .npz file or a directory of .npy files, got {path}.")
+    if X.ndim != 2 or y.ndim not in (1, 2) or y.shape[0] != X.shape[0]:
+        raise ValueError(f"{path}: {names[0]} must be (P, d) and {names[1]} (P,) or (P, k) with "
+                         f"the same P, got {X.shape} and {y.shape}.")
+    for name, a in zip(names, (X, y)):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"{path}: {name} has dtype {a.dtype}; store floating-point arrays "
+                            "(for class labels, store one-hot or ±1 targets).")
+    if dtype is not None:
+        X, y = np.asarray(X, dtype), np.asarray(y, dtype)
+    return X, y
