@@ -28,6 +28,7 @@ def test_simulate_example_runs():
     exec(compile(code, "README.md:simulate", "exec"), namespace)
     assert float(namespace["fields"].observables["closure_error"].max()) < 1e-10
     assert float(namespace["fields"].loss[-1]) < float(namespace["fields"].loss[0])
+    assert namespace["sgd"].observables["gradient_noise"].shape == (11, 2)
 
 
 def test_structure_example_runs():
