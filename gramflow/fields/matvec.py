@@ -116,22 +116,19 @@ def _orthogonalize(W, Qs):
 
 
 def _orthonormalize(W):
-    """Orthonormal columns spanning `W` `(n, b)` by Cholesky QR, three passes, each with a
-    small diagonal shift (`b ε tr WᵀW`; shifted Cholesky QR, Fukaya et al., SIAM J. Sci.
-    Comput. 2020): only the `(b, b)` Gram `WᵀW` is reduced over the rows, so a sharded `W`
-    is never gathered, and the shift keeps the factorization defined when `W` is
-    ill-conditioned or rank-deficient (the first pass tames the condition number, the next
-    two restore orthonormality to rounding; exactly dependent columns come out ≈ 0, which
-    adds only zero Ritz values)."""
+    """Orthonormal columns spanning `W` `(n, b)` from its `(b, b)` Gram alone, three passes of
+    `W ← W U Λ^{-1/2}` with `WᵀW = U Λ Uᵀ` (SVQB; Stathopoulos & Wu, SIAM J. Sci. Comput.
+    2002): only `WᵀW` is reduced over the rows, so a sharded `W` is never gathered. Eigenvalues
+    below `b ε max Λ` are clamped there, so (numerically) dependent columns come out small
+    instead of amplified noise (they add only ≈ 0 Ritz values); the later passes restore
+    orthonormality to rounding after an ill-conditioned first one."""
     b = W.shape[1]
     eps = jnp.finfo(W.dtype).eps
-    eye = jnp.eye(b, dtype=W.dtype)
     for _ in range(3):
         G = W.T @ W
-        G = 0.5 * (G + G.T)
-        shift = b * eps * jnp.trace(G) + jnp.finfo(W.dtype).tiny
-        L = jnp.linalg.cholesky(G + shift * eye)
-        W = jax.scipy.linalg.solve_triangular(L, W.T, lower=True).T
+        lam, U = jnp.linalg.eigh(0.5 * (G + G.T))
+        floor = b * eps * jnp.maximum(lam[-1], jnp.finfo(W.dtype).tiny)
+        W = W @ (U / jnp.sqrt(jnp.maximum(lam, floor))[None, :])
     return W
 
 
