@@ -1,0 +1,153 @@
+"""A million samples: the top eigenpairs of the collective kernel without ever forming it.
+
+    python benchmarks/scale.py                  # P = 10⁶, widths 3 × 256, float32, top-10
+    python benchmarks/scale.py --quick          # small P, for CI (< 20 s)
+    python benchmarks/scale.py --P 200000 --iters 10 --sizes 50000 100000
+
+`gf.kernel_eigs` runs a randomized block Krylov iteration on `gf.kernel_matvec`, whose
+products with K go over blocks of samples (`Layer.matmat`): memory O(P Σ_l N_l), time
+O(iters · (k + 5) · P Σ_l N_l N_{l-1}). Reported, in this order:
+
+1. agreement first: at a small P the Krylov eigenpairs equal the dense `eigh` of
+   `gf.collective_kernel` (eigenvalues, and the dense residual ‖K v − λ v‖/λ of each Krylov
+   vector, so that near-degenerate pairs are judged by what they are, not by their basis);
+2. the top-k eigenpairs at the large P: wall time (compile included), the residuals the
+   iteration reports, and the peak resident memory of the process (`getrusage` maxrss,
+   which also counts the inputs, the fields and the small runs before it);
+3. time of one product K V with k + 5 vectors (`kernel_matvec`, fields included: one step
+   of the Krylov iteration) vs P, medians after a compilation, and the log-log slope of a
+   least-squares fit (1 = linear in P).
+
+Section 4 (SGD step cost vs P and batch size) is a placeholder, see `sgd_step_cost`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # NumPy only computes reference values
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gramflow as gf
+
+
+def problem(P, width, depth=3, d=64, seed=0):
+    """Inputs on the sphere of radius √d and a 3-hidden-layer NTK network, float32."""
+    X = jax.random.normal(jax.random.key(seed), (P, d), jnp.float32)
+    X = X * jnp.sqrt(d) / jnp.linalg.norm(X, axis=1, keepdims=True)
+    net = gf.ReLUNet.init(jax.random.key(seed + 1), d, (width,) * depth, dtype=jnp.float32)
+    return net, X
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def agreement(P, width, k, iters, d):
+    """Krylov eigenpairs against the dense `eigh` of the formed kernel, at a small P."""
+    net, X = problem(P, width, d=d)
+    K = np.asarray(gf.collective_kernel(net, X), np.float64)
+    dense = np.linalg.eigvalsh(K)[::-1][:k]
+    top = gf.kernel_eigs(net, X, k=k, iters=iters)
+    assert int(top.iterations) == iters, "the dense fallback ran, not the Krylov path"
+    values, vectors = np.asarray(top.values, np.float64), np.asarray(top.vectors, np.float64)
+    err = float(np.max(np.abs(values - dense) / dense))
+    residual = float(np.max(np.linalg.norm(K @ vectors - vectors * values, axis=0) / values))
+    assert err < 1e-3, f"kernel_eigs disagrees with the dense spectrum: {err:.1e}"
+    assert residual < 1e-2, f"the Krylov vectors are not eigenvectors of K: {residual:.1e}"
+    print(f"agreement at P = {P}: eigenvalues vs dense eigh {err:.1e}, dense residual "
+          f"‖Kv − λv‖/λ of the Krylov vectors {residual:.1e}", flush=True)
+    return err, residual
+
+
+def eigenpairs(P, width, k, iters, d):
+    """Top-k eigenpairs at the large P: wall time, residuals, peak memory."""
+    net, X = problem(P, width, d=d)
+    jax.block_until_ready(X)
+    t0 = time.perf_counter()
+    top = gf.kernel_eigs(net, X, k=k, iters=iters)
+    jax.block_until_ready(top.values)
+    seconds = time.perf_counter() - t0
+    rss = peak_rss_gb()
+    res = np.asarray(top.residuals)
+    print(f"top-{k} eigenpairs of K at P = {P}, widths 3 × {width}, float32: {seconds:.1f} s "
+          f"(block Krylov, {iters} blocks of {k + 5}, compile included); residuals "
+          f"‖Kv − λv‖/λ max {res.max():.1e}, median {np.median(res):.1e}; peak memory "
+          f"(maxrss) {rss:.2f} GB", flush=True)
+    print("   eigenvalues", np.asarray(top.values).round(3), flush=True)
+    return seconds, float(res.max()), rss
+
+
+def product_times(sizes, width, m, repeats, d):
+    """Median time of one `kernel_matvec` with m vectors at each P (compiled first)."""
+    rows = []
+    for P in sizes:
+        net, X = problem(P, width, d=d)
+        V = jax.random.normal(jax.random.key(2), (P, m), jnp.float32)
+        fn = jax.jit(gf.kernel_matvec)
+        t0 = time.perf_counter()
+        compiled = fn.lower(net, X, V).compile()
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(net, X, V))
+            times.append(time.perf_counter() - t0)
+        rows.append((P, statistics.median(times), compile_s))
+        print(f"   P = {P:>8}: K V ({m} vectors) {rows[-1][1]:8.3f} s  "
+              f"(compile {compile_s:.1f} s)", flush=True)
+    if len(rows) > 1:
+        slope = np.polyfit(np.log([r[0] for r in rows]), np.log([r[1] for r in rows]), 1)[0]
+        print(f"   log-log slope of time vs P: {slope:.2f} (1 = linear)", flush=True)
+    return rows
+
+
+# -- 4. SGD step cost vs P and batch size --------------------------------------------------------
+# Placeholder (issue 14): the cost of one SGD step of each engine vs P and batch size is added
+# here; `main` prints its rows after the sections above.
+
+def sgd_step_cost(sizes, batch_sizes, *, quick: bool) -> list:
+    """Time per SGD step of each engine vs P and batch size: not written yet (placeholder)."""
+    return []
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small P (CI)")
+    parser.add_argument("--P", type=int, default=1_000_000, help="samples of the eigenpairs")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=8, help="Krylov blocks")
+    parser.add_argument("--d", type=int, default=64, help="input dimension")
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        default=[50_000, 100_000, 200_000, 500_000, 1_000_000])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    small = 2048
+    if args.quick:
+        args.P, args.width, args.d, args.repeats = 4096, 32, 16, 3
+        args.sizes, small = [1024, 2048, 4096], 512
+    print(f"kernel eigenpairs at large P, 3 hidden layers of {args.width}, float32, "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+          f"{os.cpu_count()} cores; jax {jax.__version__}", flush=True)
+    agreement(small, args.width, args.k, args.iters, args.d)
+    eigenpairs(args.P, args.width, args.k, args.iters, args.d)
+    print(f"time vs P (median of {args.repeats}):", flush=True)
+    product_times(args.sizes, args.width, args.k + 5, args.repeats, args.d)
+    for row in sgd_step_cost(args.sizes, (), quick=args.quick):
+        print("  ", row)
+    print(f"peak memory (maxrss) at the end: {peak_rss_gb():.2f} GB", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
