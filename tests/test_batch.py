@@ -170,7 +170,7 @@ def test_pairs_in_sequence_equal_pairs_side_by_side(data):
               observables=resolve(("loss", "r", "kernel_trace"), fields=True, top_m=5))
     side = run_pairs(nets, lrs, X, y, **kw)
     for k in (1, 2, 5):
-        seq = run_pairs(nets, lrs, X, y, batch_size=k, **kw)
+        seq = run_pairs(nets, lrs, X, y, vmap_size=k, **kw)
         assert jax.tree.structure(seq) == jax.tree.structure(side)
         for key in side:
             assert seq[key].shape == side[key].shape

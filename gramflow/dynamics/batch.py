@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from ..model.network import ReLUNet
 from .engines import AbstractEngine, Weights
@@ -102,6 +102,8 @@ def core_sweep(
     observables=None,
     top_m: int = 5,
     reference: AbstractEngine | None = None,
+    test: tuple | None = None,
+    batches: Int[Array, "*N steps B"] | None = None,
 ) -> Trajectory:
     """`simulate` over a batch of networks × learning rates × engines, as one pure JAX
     function: `jax.jit`, `jax.vmap` and `jax.grad` (e.g. with respect to `lrs` or the
@@ -114,11 +116,15 @@ def core_sweep(
       structure; networks of different widths are first made equal by `pad_network`, which
       is exact).
     - `X`, `y`: the data, shared by every run.
-    - `steps`, `record_every`, `observables`, `top_m`, `reference`: as in `simulate`.
+    - `steps`, `record_every`, `observables`, `top_m`, `reference`, `test`: as in
+      `simulate` (the test sites `(X_test, y_test)` ride along every run).
     - `lrs`: `(R,)` learning rates, or `None` (engines with their own optimizer).
     - `engine`: one engine, or a sequence of engines of one structure with different
       numbers, e.g. `[Weights(optax.adam(lr)) for lr in (1e-3, 1e-2)]` (axis E); they run
       side by side in one vmap.
+    - `batches`: mini-batch SGD as `simulate(..., batches=)`: an int array `(steps, b)` of
+      sample indices shared by every run, or `(B, steps, b)`, one schedule per network
+      (e.g. `jnp.stack([batch_schedule(k, P, b, steps) for k in keys])`); `None`: full batch.
 
     **Returns:** a `Trajectory` whose arrays carry the leading axes `(B, R, E)` — `R` only
     when `lrs` is given, `E` only when a sequence of engines is.
@@ -127,50 +133,76 @@ def core_sweep(
     engines = stack(list(engine)) if batched_engines else engine
     net_arrays, net_static = eqx.partition(nets, eqx.is_array)
     eng_arrays, eng_static = eqx.partition(engines, eqx.is_array)
+    per_net = _check_core_batches(batches, net_arrays)
     static = []  # the non-array half of the Trajectory, seen once while tracing
 
-    def run(net_arrays, lr, eng_arrays):
+    def run(net_arrays, batches, lr, eng_arrays):
         traj = simulate(eqx.combine(net_arrays, net_static), X, y, steps=steps, lr=lr,
                         engine=eqx.combine(eng_arrays, eng_static), record_every=record_every,
-                        observables=observables, top_m=top_m, reference=reference)
+                        observables=observables, top_m=top_m, reference=reference,
+                        test=test, batches=batches)
         arrays, rest = eqx.partition(traj, eqx.is_array)
         static.append(rest)
         return arrays
 
     if batched_engines:
-        run = jax.vmap(run, in_axes=(None, None, 0))
+        run = jax.vmap(run, in_axes=(None, None, None, 0))
     if lrs is not None:
-        run = jax.vmap(run, in_axes=(None, 0, None))
-    run = jax.vmap(run, in_axes=(0, None, None))
-    out = run(net_arrays, None if lrs is None else jnp.asarray(lrs), eng_arrays)
+        run = jax.vmap(run, in_axes=(None, None, 0, None))
+    run = jax.vmap(run, in_axes=(0, 0 if per_net else None, None, None))
+    out = run(net_arrays, batches, None if lrs is None else jnp.asarray(lrs), eng_arrays)
     return eqx.combine(out, static[0])
 
 
-def run_pairs(nets: ReLUNet, lrs: Float[Array, " B"], X, y, *, steps: int, engine,
-              record_every: int, observables, top_m: int, reference,
-              batch_size: int | None = None) -> dict[str, Array]:
+def _check_core_batches(batches, net_arrays) -> bool:
+    """Whether `core_sweep`'s `batches` hold one schedule per network (3-D) rather than one
+    shared by all (2-D); `ValueError` naming the argument for any other shape."""
+    if batches is None:
+        return False
+    ndim = jnp.ndim(batches)
+    if ndim == 2:
+        return False
+    n = jax.tree.leaves(net_arrays)[0].shape[0]
+    if ndim != 3 or jnp.shape(batches)[0] != n:
+        raise ValueError(
+            "`batches` must be an int array (steps, b) shared by every network, or "
+            f"(B, steps, b) with one schedule per network (B = {n} networks here), got shape "
+            f"{jnp.shape(batches)}.")
+    return True
+
+
+def run_pairs(nets: ReLUNet, lrs: Float[Array, " B"], X, y,
+              batches: Int[Array, "B steps b"] | None = None, test: tuple | None = None, *,
+              steps: int, engine, record_every: int, observables, top_m: int, reference,
+              vmap_size: int | None = None) -> dict[str, Array]:
     """`simulate` on the pairs `(nets[b], lrs[b])` in one program: the unit of work of the
     `sweep` driver, which chunks, shards and stores it. Returns the recorded arrays (`loss`,
     `r` if recorded, each observable, `first_nonfinite`, `step`), leading axis B.
 
-    `batch_size`: `None` runs all B pairs side by side (one `jax.vmap`); an int k runs them
+    `batches`: `None` (full-batch gradient descent) or `(B, steps, b)`, the mini-batches of
+    each pair (`simulate(..., batches=batches[i])`). `test`: `(X_test, y_test)` spectator
+    sites shared by every pair (`simulate(..., test=)`). Both are positional so that a
+    memory estimate read off the program (`working_bytes`) counts them as inputs.
+
+    `vmap_size`: `None` runs all B pairs side by side (one `jax.vmap`); an int k runs them
     k at a time side by side, the groups one after another (`jax.lax.map`; k = 1: plain
     runs in a loop, as `simulate` would run them — on CPU, where XLA's batched matrix
     products of wide layers are slower than a sequence of plain ones)."""
     net_arrays, net_static = eqx.partition(nets, eqx.is_array)
 
-    def one(arrays_lr):
-        arrays, lr = arrays_lr
+    def one(args):
+        arrays, lr, bs = args
         traj = simulate(eqx.combine(arrays, net_static), X, y, steps=steps, lr=lr,
                         engine=engine, record_every=record_every, observables=observables,
-                        top_m=top_m, reference=reference)
+                        top_m=top_m, reference=reference, test=test, batches=bs)
         return {"loss": traj.loss, **({"r": traj.r} if traj.r is not None else {}),
                 **traj.observables, "first_nonfinite": traj.first_nonfinite,
                 "step": traj.step}
 
-    if batch_size is None or batch_size >= lrs.shape[0]:
-        return jax.vmap(one)((net_arrays, lrs))
-    return jax.lax.map(one, (net_arrays, lrs), batch_size=None if batch_size == 1 else batch_size)
+    args = (net_arrays, lrs, batches)
+    if vmap_size is None or vmap_size >= lrs.shape[0]:
+        return jax.vmap(one)(args)
+    return jax.lax.map(one, args, batch_size=None if vmap_size == 1 else vmap_size)
 
 
 #: `run_pairs` compiled once per static configuration and shape and kept: a sweep called

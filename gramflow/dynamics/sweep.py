@@ -35,25 +35,90 @@ from .batch import (
     working_bytes,
 )
 from .engines import AbstractEngine, Weights
+from .minibatch import batch_schedule
 from .observables import dims_of, resolve
 from .simulate import _check_engine
 
 _COST: dict = {}  # per-configuration memory of each program the driver has measured
 
-#: the grid axes every array of a `SweepResult` starts with
+#: the grid axes every array of a `SweepResult` starts with (then `batch_size` when the
+#: sweep was given `batch_sizes`)
 GRID_DIMS = ("depth", "width", "seed", "lr")
+
+#: the constant folded into a seed's key for its mini-batches: `batch_key(seed)`
+BATCH_KEY = 0xBA7C4
+
+
+def batch_key(seed: int):
+    """The key the mini-batches of seed `seed` are drawn from in a sweep over batch sizes,
+    `jax.random.fold_in(jax.random.key(seed), BATCH_KEY)` (`BATCH_KEY = 0xBA7C4`),
+    independent of the network's `jax.random.key(seed)`; at every batch size B the
+    configuration's batches are `batch_schedule(batch_key(seed), P, B, steps)`, so it is
+    `simulate(net, X, y, ..., batch_size=B, key=batch_key(seed))`."""
+    return jax.random.fold_in(jax.random.key(int(seed)), BATCH_KEY)
+
+
+def _check_batch_sizes(batch_sizes, P: int) -> tuple:
+    """`sweep(batch_sizes=)` as a tuple of `None` (full batch) and ints in [1, P]."""
+    if batch_sizes is None:
+        return (None,)
+    if isinstance(batch_sizes, (int, np.integer)) or not isinstance(
+            batch_sizes, (list, tuple, np.ndarray, range)):
+        raise TypeError("`batch_sizes` must be a sequence of batch sizes (ints, or None for "
+                        f"full batch), e.g. [None, 8, 32], got {batch_sizes!r}.")
+    out = []
+    for B in batch_sizes:
+        if B is None:
+            out.append(None)
+            continue
+        if isinstance(B, (bool, np.bool_)) or not isinstance(B, (int, np.integer)):
+            raise TypeError(f"`batch_sizes` entries must be ints or None (full batch), got "
+                            f"{B!r}.")
+        if not 1 <= B <= P:
+            raise ValueError(f"`batch_sizes` entries must be in [1, P] = [1, {P}] (a batch "
+                             f"is drawn without replacement from the P samples), got {B!r}.")
+        out.append(int(B))
+    if not out:
+        raise ValueError("`batch_sizes` must be non-empty (None: full batch).")
+    if len(set(out)) != len(out):
+        raise ValueError(f"`batch_sizes` lists a batch size twice: {list(batch_sizes)!r}.")
+    return tuple(out)
+
+
+def _check_test(test, X, out_dim):
+    """`sweep(test=(X_test, y_test))` validated like `X`, `y` (columns and dtype of `X`)."""
+    if test is None:
+        return None
+    if not isinstance(test, (tuple, list)) or len(test) != 2:
+        raise TypeError("`test` must be a pair (X_test, y_test) of arrays of shapes (Q, d) and "
+                        f"(Q,) or (Q, k), got {type(test).__name__}.")
+    try:
+        Xt, yt = check_data(*test, out_dim=out_dim)
+        if Xt.shape[1] != X.shape[1]:
+            raise ValueError(f"`X` has {Xt.shape[1]} columns, the training `X` has "
+                             f"{X.shape[1]}.")
+        if Xt.dtype != X.dtype:
+            raise TypeError(f"`X` has dtype {Xt.dtype}, the training `X` has {X.dtype}.")
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"in `test=(X_test, y_test)`: {err}") from err
+    return jax.device_put((np.asarray(Xt), np.asarray(yt)))
 
 
 class SweepResult(eqx.Module):
     """Recorded observables over a grid of configurations; `D, W, S, R = len(depths),
-    len(widths), len(seeds), len(lrs)` and `T` records.
+    len(widths), len(seeds), len(lrs)` and `T` records. A sweep given `batch_sizes` has one
+    more grid axis, `batch_size` (`NB = len(batch_sizes)`), after `lr`: read `(D, W, S, R)`
+    below as `(D, W, S, R, NB)` then.
 
     **Fields:**
 
-    - `loss`: `(D, W, S, R, T)`, `½ Σ r²` at each record.
-    - `observables`: dict of the other recorded observables (`r` among them if recorded),
-      each `(D, W, S, R, T, ...)` with the observable's own shape last
-      (`gramflow.OBSERVABLES`); per-layer ones are padded with NaN to the largest depth.
+    - `loss`: `(D, W, S, R, T)`, `½ Σ r²` at each record (of the full training set, also
+      for mini-batch runs).
+    - `observables`: dict of the other recorded observables (`r` among them if recorded;
+      `test_loss`, `test_error` by default with `test=`; `gradient_noise` by default with
+      `batch_sizes` and an engine carrying fields), each `(D, W, S, R, T, ...)` with the
+      observable's own shape last (`gramflow.OBSERVABLES`); per-layer ones are padded with
+      NaN to the largest depth.
     - `first_nonfinite`: `(D, W, S, R)`, the first step with a non-finite value, −1 if none.
     - `step`: `(T,)`, the steps of the records.
     - `lrs`: `(R,)`, the learning rates, in the data's dtype.
@@ -62,6 +127,8 @@ class SweepResult(eqx.Module):
     - `seeds`: the seeds, as ints (static).
     - `arch`: `arch[i][j]`, the per-layer widths of depth `depths[i]` and width entry
       `widths[j]` (static).
+    - `batch_sizes`: the batch sizes (`None`: full batch) of a sweep given `batch_sizes`,
+      else `None` — and no `batch_size` axis (static).
     - `dims`: the name of every axis of `loss`, `first_nonfinite` and each observable,
       e.g. `("depth", "width", "seed", "lr", "record", "layer")` (static).
 
@@ -79,6 +146,7 @@ class SweepResult(eqx.Module):
     widths: tuple = eqx.field(static=True)
     seeds: tuple[int, ...] = eqx.field(static=True)
     arch: tuple = eqx.field(static=True)
+    batch_sizes: tuple | None = eqx.field(static=True, default=None)
     dims: dict = eqx.field(static=True, default=None)
 
     def save(self, directory, meta: dict) -> None:
@@ -89,6 +157,8 @@ class SweepResult(eqx.Module):
         grid = dict(depths=list(self.depths), seeds=list(self.seeds),
                     widths=[w if isinstance(w, int) else list(w) for w in self.widths],
                     arch=[[list(a) for a in row] for row in self.arch])
+        if self.batch_sizes is not None:
+            grid["batch_sizes"] = list(self.batch_sizes)
         dims = {**{k: list(v) for k, v in self.dims.items()}, "step": ["record"], "lrs": ["lr"]}
         _atomic_save(directory, "result", {k: np.asarray(v) for k, v in arrays.items()},
                      dict(meta, grid=grid, dims=dims, observables=list(self.observables)))
@@ -111,6 +181,8 @@ class SweepResult(eqx.Module):
                    lrs=arrays["lrs"], depths=tuple(grid["depths"]), widths=widths,
                    seeds=tuple(grid["seeds"]),
                    arch=tuple(tuple(tuple(a) for a in row) for row in grid["arch"]),
+                   batch_sizes=None if grid.get("batch_sizes") is None
+                   else tuple(grid["batch_sizes"]),
                    dims={k: tuple(v) for k, v in meta["dims"].items()
                          if k not in ("step", "lrs")})
 
@@ -220,11 +292,12 @@ def _checksum(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def _run_chunk(fn, nets, lrs, sharding):
-    """Run one chunk of configurations (a hook the resumability test interrupts)."""
+def _run_chunk(fn, nets, lrs, sharding, batches=None):
+    """Run one chunk of configurations (a hook the resumability test interrupts); `batches`,
+    the chunk's mini-batches, is passed only when it has some."""
     if sharding is not None:
-        nets, lrs = jax.device_put((nets, lrs), sharding)
-    return jax.tree.map(np.asarray, fn(nets, lrs))
+        nets, lrs, batches = jax.device_put((nets, lrs, batches), sharding)
+    return jax.tree.map(np.asarray, fn(nets, lrs) if batches is None else fn(nets, lrs, batches))
 
 
 def _atomic_save(directory, stem, arrays, meta) -> None:
@@ -444,11 +517,12 @@ def _run_jit(P, d, widths, n_configs, steps, itemsize, platform):
     return _run_pairs_quick(tuple(sorted(options.items())))
 
 
-def _run_buckets(batches, X, y, *, batch_sizes, **static):
-    """`run_pairs` on several buckets `(nets, lrs)` in one program (one compilation, the
-    sum of theirs less what each program costs on its own)."""
-    return tuple(run_pairs(nets, lrs, X, y, **static, batch_size=b)
-                 for (nets, lrs), b in zip(batches, batch_sizes))
+def _run_buckets(groups, X, y, test, *, vmap_sizes, statics):
+    """`run_pairs` on several buckets `(nets, lrs, batches)` (each with its `run_pairs`
+    keywords in `statics`) in one program (one compilation, the sum of theirs less what each
+    program costs on its own)."""
+    return tuple(run_pairs(nets, lrs, X, y, batches, test, **static, vmap_size=k)
+                 for (nets, lrs, batches), k, static in zip(groups, vmap_sizes, statics))
 
 
 @functools.cache
@@ -459,14 +533,17 @@ def _run_buckets_jit(options: tuple | None):
 
 
 class _Bucket:
-    """The plan for one width bucket of one depth: group `g` (its chunk files' name), width
-    entries `ws`, the networks' `spec` `(archs, structure kwargs, pad_to)`, and, once planned,
-    `nets` (a function returning them, `(W, S, ...)`), `chunk` (configurations per call),
-    `run` (a chunk's call), `inputs` (zero inputs of a chunk's shape, for compiling ahead),
-    `work` (multiply-adds to run) and `nbytes` (the memory estimate of a chunk)."""
+    """The plan for one width bucket of one depth at one batch size: group `g`, width
+    entries `ws`, the networks' `spec` `(archs, structure kwargs, pad_to)`, the batch size
+    `B` (`None`: full batch; entry `k` of the batch sizes), `prefix` (its chunk files'
+    name), and, once planned, `nets` (a function returning them, `(W, S, ...)`), `chunk`
+    (configurations per call), `run` (a chunk's call), `inputs` (zero inputs of a chunk's
+    shape, for compiling ahead), `work` (multiply-adds to run) and `nbytes` (the memory
+    estimate of a chunk)."""
 
-    def __init__(self, g, ws, spec):
-        self.g, self.ws, self.spec = g, ws, spec
+    def __init__(self, g, ws, spec, k=0, B=None, prefix=None):
+        self.g, self.ws, self.spec, self.k, self.B, self.prefix = g, ws, spec, k, B, prefix
+        self.id = (g, k)
         self.nets = self.chunk = self.run = self.inputs = None
         self.work = self.nbytes = 0
 
@@ -510,8 +587,11 @@ def sweep(
     max_padding: float = 1.0,
     progress: bool = True,
     vmap_size: int | None = None,
+    test: tuple | None = None,
+    batch_sizes: Sequence[int | None] | None = None,
 ) -> SweepResult:
-    """Gradient descent (`simulate`) over the grid depths × widths × seeds × lrs.
+    """Gradient descent (`simulate`) over the grid depths × widths × seeds × lrs, and
+    optionally mini-batch sizes (`batch_sizes`).
 
     A driver around one pure core (`run_pairs`, compiled once per static configuration and
     kept, so an identical second call reuses it): seeds and learning rates share one program
@@ -563,8 +643,26 @@ def sweep(
       128) and faster for narrow ones. It changes only the summation order, like the device
       count, so a rerun into the same `out` reuses chunks computed with another.
 
+    - `test`: `(X_test, y_test)`, test sites riding along every configuration as in
+      `simulate(..., test=)` (never in the loss); `test_loss` and `test_error` join the
+      default observables, and `test_output`, `cross_kernel`, `test_alignment` may be
+      asked for. The test data are part of the fingerprint of the chunk files in `out`.
+    - `batch_sizes`: mini-batch SGD as a grid axis, e.g. `[None, 8, 32]` (`None`: full-batch
+      gradient descent, exactly as without the argument; an int B in [1, P]: the loss of
+      each step is `½ Σ_{μ∈batch} r_μ²` of B samples, drawn without replacement within an
+      epoch). The batches of seed s at batch size B are `batch_schedule(batch_key(s), P, B,
+      steps)` with `batch_key(s) = jax.random.fold_in(jax.random.key(s), 0xBA7C4)`, so a
+      configuration is `simulate(ReLUNet.init(jax.random.key(s), ...), X, y, lr=lr,
+      batch_size=B, key=batch_key(s), ...)` — the same batches for every width and learning
+      rate of a seed. Each batch size compiles its own program per bucket (the `(steps, B)`
+      index arrays have its shape). The result gains the axis `batch_size` after `lr`, also
+      for `[None]`; `gradient_noise` (`GradientNoise(B)`, with B = P for full batch: zero
+      noise) joins the default observables of engines carrying fields. Default `None`: full
+      batch only, and no such axis.
+
     **Returns:** a `SweepResult` with arrays `(len(depths), len(widths), len(seeds),
-    len(lrs), T, ...)`.
+    len(lrs), T, ...)` — `(len(depths), len(widths), len(seeds), len(lrs),
+    len(batch_sizes), T, ...)` with `batch_sizes`.
     """
     steps = _positive_int("steps", steps)
     record_every = _positive_int("record_every", record_every)
@@ -585,8 +683,16 @@ def sweep(
     if not engine.needs_lr():
         raise ValueError("`sweep` sweeps the step size `lrs` of plain gradient descent; an "
                          "engine with its own optimizer is not supported here.")
-    obs = resolve(observables, fields=engine.carries_fields, top_m=top_m)
     P, d = X.shape
+    test = _check_test(test, X, out_dim)
+    bsizes = _check_batch_sizes(batch_sizes, P)
+    # The observables of each batch size (`gradient_noise`, among the defaults of a sweep
+    # over batch sizes, describes batches of that size; of P for full batch: no noise).
+    obs_of = [resolve(observables, fields=engine.carries_fields, top_m=top_m,
+                      test=test is not None,
+                      batch_size=None if batch_sizes is None else (P if B is None else B))
+              for B in bsizes]
+    obs = obs_of[0]
     if not 0 <= max_padding:
         raise ValueError(f"`max_padding` must be ≥ 0, got {max_padding!r}.")
     vmap_size = None if vmap_size is None else _positive_int("vmap_size", vmap_size)
@@ -601,16 +707,17 @@ def sweep(
     # NumPy in, `device_put` out: `jnp.asarray` of a host array compiles a program per shape.
     lrs_arr = jax.device_put(lr_np)
     n_sr = len(seeds) * len(lr_values)  # configurations per width
-    static = dict(steps=steps, engine=engine, record_every=record_every, observables=obs,
-                  top_m=top_m, reference=reference)
+    statics = [dict(steps=steps, engine=engine, record_every=record_every, observables=o,
+                    top_m=top_m, reference=reference) for o in obs_of]
 
-    def fn(nets, lrs, jitted, batch_size):
-        return jitted(nets, lrs, X, y, **static, batch_size=batch_size)
+    def fn(nets, lrs, batches=None, *, jitted, vmap_size, static):
+        return jitted(nets, lrs, X, y, batches, test, **static, vmap_size=vmap_size)
 
     plans, struct_desc = [], []
     for i, L in enumerate(depths):
         # Networks of one depth: those with equal static structure and similar widths (a
-        # bucket) share a program, zero-padded to the bucket's largest widths.
+        # bucket) share a program, zero-padded to the bucket's largest widths; one program
+        # per bucket and batch size (the batches' shape is part of the program).
         kws, groups = [], {}
         for w, a in enumerate(arch[i]):
             kw = structure_kwargs(structure, d, a)
@@ -623,9 +730,12 @@ def sweep(
         for same in groups.values():
             for members, pad_to in width_buckets([arch[i][w] for w in same], d, max_padding):
                 ws = [same[m] for m in members]
-                parts.append(_Bucket(len(parts), ws, (tuple(arch[i][w] for w in ws),
-                                                      tuple(kws[w] for w in ws), pad_to)))
-        plans.append(parts)
+                parts.append((ws, (tuple(arch[i][w] for w in ws), tuple(kws[w] for w in ws),
+                                   pad_to)))
+        plans.append([
+            _Bucket(g, ws, spec, k, B, f"depth{L}_group{g}" + (
+                "" if batch_sizes is None else f"_batch{'full' if B is None else B}"))
+            for g, (ws, spec) in enumerate(parts) for k, B in enumerate(bsizes)])
     # What the results depend on (not the chunking): the fingerprint of the chunk files.
     config = dict(widths=[list(a) for row in arch for a in row], depths=[int(L) for L in depths],
                   seeds=list(seeds), lrs=lr_values.tolist(), steps=steps, engine=repr(engine),
@@ -633,38 +743,61 @@ def sweep(
                   observables={k: repr(v) for k, v in obs.items()}, top_m=top_m,
                   reference=repr(reference), dtype=str(X.dtype), structure=struct_desc,
                   max_padding=max_padding)
+    if test is not None:  # (only then: the fingerprint of a sweep without them is unchanged)
+        config["test"] = [_describe(np.asarray(a)) for a in test]
+    if batch_sizes is not None:
+        config["batch_sizes"] = list(bsizes)
+        config["batch_key"] = f"fold_in(key(seed), {BATCH_KEY})"
     config = json.loads(json.dumps(config))  # as read back from a chunk file
-    fingerprint = _fingerprint(X, y, config)
-    # Per (depth, group): the finished chunks `(configuration indices, arrays)`, loaded up
-    # front, and the indices of the configurations still to run.
+    fingerprint = _fingerprint(X, y, config)  # (the test data: by their digest in config)
+    # Per bucket: the finished chunks `(configuration indices, arrays)`, loaded up front,
+    # and the indices of the configurations still to run.
     finished, todo = {}, {}
     if out is not None:
         os.makedirs(out, exist_ok=True)
     for i, L in enumerate(depths):
         for b in plans[i]:
             n = len(b.ws) * n_sr
-            finished[i, b.g] = [] if out is None else _load_finished(
-                out, f"depth{L}_group{b.g}", fingerprint, config, n)
-            covered = [index for index, _ in finished[i, b.g]]
-            todo[i, b.g] = np.setdiff1d(np.arange(n), np.concatenate(covered) if covered else [])
+            finished[i, b.id] = [] if out is None else _load_finished(
+                out, b.prefix, fingerprint, config, n)
+            covered = [index for index, _ in finished[i, b.id]]
+            todo[i, b.id] = np.setdiff1d(np.arange(n),
+                                         np.concatenate(covered) if covered else [])
 
-    # Only the buckets with configurations left to run need networks and programs.
-    live = [(i, b) for i in range(len(depths)) for b in plans[i] if len(todo[i, b.g])]
+    # Only the buckets with configurations left to run need networks and programs; the
+    # batch sizes of one width bucket share its networks.
+    live = [(i, b) for i in range(len(depths)) for b in plans[i] if len(todo[i, b.id])]
+    specs = {}
+    for i, b in live:
+        specs.setdefault((i, b.g), b.spec)
+    schedules = {}  # per batch size: (S, steps, B) int32, from the seeds' batch keys
+
+    def schedule(B):
+        if B not in schedules:
+            schedules[B] = np.stack([np.asarray(batch_schedule(batch_key(s), P, B, steps))
+                                     for s in seeds])
+        return schedules[B]
+
     pool = _compiler_pool(len(live) + 1)
     try:
-        built = _build_nets_async(seeds, d, [b.spec for _, b in live], out_dim,
-                                  parametrization, X.dtype, pool)
-        for (i, b), (shapes, nets) in zip(live, built):
-            pad_to, b.nets = b.spec[2], nets
+        built = dict(zip(specs, _build_nets_async(seeds, d, list(specs.values()), out_dim,
+                                                  parametrization, X.dtype, pool)))
+        for i, b in live:
+            shapes, b.nets = built[i, b.g]
+            pad_to, static = b.spec[2], statics[b.k]
             one = jax.tree.map(lambda a: np.zeros((1, *a.shape[2:]), a.dtype), shapes)
-            key = (repr(jax.tree.map(lambda a: (a.shape, a.dtype), (one, X, y))),
+            one_batches = None if b.B is None else np.zeros((1, steps, b.B), np.int32)
+            key = (repr(jax.tree.map(lambda a: (a.shape, a.dtype),
+                                     (one, one_batches, X, y, test))),
                    repr(sorted((k, repr(v)) for k, v in static.items())))
             if key not in _COST:  # measured once per program, like its compilation
-                _COST[key] = working_bytes(run_pairs, one, lr_np[:1], X, y, **static)
+                _COST[key] = working_bytes(run_pairs, one, lr_np[:1], X, y, one_batches,
+                                           test, **static)
             per = _COST[key]
             if per > budget:
                 raise ValueError(
-                    f"one configuration at depth {depths[i]} (widths {pad_to}) needs about "
+                    f"one configuration at depth {depths[i]} (widths {pad_to}"
+                    + ("" if b.B is None else f", batch size {b.B}") + f") needs about "
                     f"{per:,} bytes, above max_bytes = {budget:,}; reduce P, the widths, "
                     "or the recorded observables."
                 )
@@ -673,14 +806,15 @@ def sweep(
             k = _vmap_size(P, d, pad_to, devices) if vmap_size is None or n_dev > 1 else vmap_size
             if k < chunk:  # chunks of whole groups of k (no program for a remainder)
                 chunk -= chunk % k
-            batch_size = None if k >= chunk else k
-            jitted = _run_jit(P, d, pad_to, len(todo[i, b.g]), steps, X.dtype.itemsize,
+            group = None if k >= chunk else k
+            jitted = _run_jit(P, d, pad_to, len(todo[i, b.id]), steps, X.dtype.itemsize,
                               devices[0].platform)
             b.chunk, b.nbytes = chunk, chunk * per
-            b.run = functools.partial(fn, jitted=jitted, batch_size=batch_size)
+            b.run = functools.partial(fn, jitted=jitted, vmap_size=group, static=static)
             b.inputs = (jax.tree.map(lambda a, c=chunk: np.zeros((c, *a.shape[2:]), a.dtype),
-                                     shapes), np.zeros(chunk, lr_np.dtype))
-            b.work = _work(P, d, pad_to, len(todo[i, b.g]), steps, X.dtype.itemsize)
+                                     shapes), np.zeros(chunk, lr_np.dtype),
+                        None if b.B is None else np.zeros((chunk, steps, b.B), np.int32))
+            b.work = _work(P, d, pad_to, len(todo[i, b.id]), steps, X.dtype.itemsize)
 
         # Programs are traced and lowered here, then compiled on other cores if idle
         # (`_compiler_pool`) while this thread goes on; a call finds its program compiled.
@@ -688,7 +822,7 @@ def sweep(
         # Sharded, a program depends on its inputs' placement: compiled at its call.
         ready = {}
         fused = [] if sharding is not None else [
-            (i, b) for i, b in live if len(todo[i, b.g]) <= b.chunk]
+            (i, b) for i, b in live if len(todo[i, b.id]) <= b.chunk]
         if len(fused) < 2 or sum(b.nbytes for _, b in fused) > budget:
             fused = []
         else:
@@ -696,77 +830,96 @@ def sweep(
             if options is not None and sum(b.work for _, b in fused) > _QUICK_WORK * len(fused):
                 options = None
             jitted = _run_buckets_jit(None if options is None else tuple(sorted(options.items())))
-            sizes = tuple(b.run.keywords["batch_size"] for _, b in fused)
+            sizes = tuple(b.run.keywords["vmap_size"] for _, b in fused)
+            fused_statics = tuple(b.run.keywords["static"] for _, b in fused)
 
-            def run_fused(nets, lrs, jitted=jitted, sizes=sizes):
-                return jitted(tuple(zip(nets, lrs)), X, y, batch_sizes=sizes, **static)
+            def run_fused(nets, lrs, batches=None, jitted=jitted, sizes=sizes,
+                          fused_statics=fused_statics):
+                batches = (None,) * len(nets) if batches is None else batches
+                return jitted(tuple(zip(nets, lrs, batches)), X, y, test, vmap_sizes=sizes,
+                              statics=fused_statics)
 
-            lowered = jitted.lower(tuple(b.inputs for _, b in fused), X, y, batch_sizes=sizes,
-                                   **static)
+            lowered = jitted.lower(tuple(b.inputs for _, b in fused), X, y, test,
+                                   vmap_sizes=sizes, statics=fused_statics)
             ready["fused"] = pool.submit(lowered.compile)
         for i, b in live:
             if sharding is None and not any(b is c for _, c in fused):
-                lowered = b.run.keywords["jitted"].lower(
-                    *b.inputs, X, y, **static, batch_size=b.run.keywords["batch_size"])
-                ready[i, b.g] = pool.submit(lowered.compile)
+                kw = b.run.keywords
+                lowered = kw["jitted"].lower(*b.inputs[:2], X, y, b.inputs[2], test,
+                                             **kw["static"], vmap_size=kw["vmap_size"])
+                ready[i, b.id] = pool.submit(lowered.compile)
 
-        bar = _progress(sum(-(-len(todo[i, b.g]) // b.chunk) for i, b in live), progress)
+        bar = _progress(sum(-(-len(todo[i, b.id]) // b.chunk) for i, b in live), progress)
         stacked = {}
 
         def gather(i, b, index):  # the configurations `index` of a chunk, filled up to it
             if (i, b.g) not in stacked:
-                stacked[i, b.g] = b.nets()  # (W, S, ...)
+                stacked[i, b.g] = b.nets()  # (W, S, ...), shared by the batch sizes
             idx = np.stack(np.unravel_index(index, (len(b.ws), len(seeds), len(lr_values))),
                            axis=1)
             fill = np.concatenate([idx, np.repeat(idx[-1:], b.chunk - len(idx), 0)])
             # Gathered in NumPy: an eager gather would compile once per leaf shape.
             nets = jax.tree.map(lambda a: a[fill[:, 0], fill[:, 1]], stacked[i, b.g])
-            return idx, nets, lr_np[fill[:, 2]]
+            batches = None if b.B is None else schedule(b.B)[fill[:, 1]]
+            return idx, nets, lr_np[fill[:, 2]], batches
+
+        def run_chunk(fn, nets, lrs, batches):  # (the hook sees no batches in full batch)
+            if batches is None or all(x is None for x in batches):
+                return _run_chunk(fn, nets, lrs, sharding)
+            return _run_chunk(fn, nets, lrs, sharding, batches)
 
         results = {}
         if fused:  # one call (through the hook that runs a chunk) for all of them
-            gathered = [gather(i, b, todo[i, b.g]) for i, b in fused]
+            gathered = [gather(i, b, todo[i, b.id]) for i, b in fused]
             ready["fused"].result()
-            outs = _run_chunk(run_fused, tuple(nets for _, nets, _ in gathered),
-                              tuple(lrs for _, _, lrs in gathered), sharding)
-            results = {(i, b.g): out for (i, b), out in zip(fused, outs)}
+            outs = run_chunk(run_fused, *(tuple(g[j] for g in gathered) for j in (1, 2, 3)))
+            results = {(i, b.id): out for (i, b), out in zip(fused, outs)}
         per_depth = []
         for i, L in enumerate(depths):
-            merged = {}
+            by_group = {}  # width group -> per batch size, {key: (W_g, S, R, ...)}
             for b in plans[i]:
-                g, ws, n = b.g, b.ws, len(b.ws) * n_sr
-                pieces, chunk = finished[i, g], max(1, len(todo[i, g]))
-                if len(todo[i, g]) and (i, g) not in results:
+                ws, n, bid = b.ws, len(b.ws) * n_sr, b.id
+                pieces, chunk = finished[i, bid], max(1, len(todo[i, bid]))
+                if len(todo[i, bid]) and (i, bid) not in results:
                     chunk = b.chunk
-                    if (i, g) in ready:
-                        ready[i, g].result()  # compiled (or raises what compiling raised)
-                for start in range(0, len(todo[i, g]), chunk):
-                    index = todo[i, g][start:start + chunk]
-                    if (i, g) in results:
+                    if (i, bid) in ready:
+                        ready[i, bid].result()  # compiled (or raises what compiling raised)
+                for start in range(0, len(todo[i, bid]), chunk):
+                    index = todo[i, bid][start:start + chunk]
+                    if (i, bid) in results:
                         idx, done = np.stack(np.unravel_index(index, (
-                            len(ws), len(seeds), len(lr_values))), axis=1), results[i, g]
+                            len(ws), len(seeds), len(lr_values))), axis=1), results[i, bid]
                     else:
-                        idx, nets, lrs_chunk = gather(i, b, index)
-                        done = _run_chunk(b.run, nets, lrs_chunk, sharding)
+                        idx, nets, lrs_chunk, batches = gather(i, b, index)
+                        done = run_chunk(b.run, nets, lrs_chunk, batches)
                     done = {key: v[: len(idx)] for key, v in done.items()}
                     if out is not None:
+                        extra = {} if batch_sizes is None else {"batch_size": b.B}
                         meta = dict(
-                            fingerprint=fingerprint, depth=int(L), group=g,
+                            fingerprint=fingerprint, depth=int(L), group=b.g,
                             index=index.tolist(),
                             configs=[dict(width=list(arch[i][ws[w]]), seed=seeds[s],
-                                          lr=float(lr_values[r])) for w, s, r in idx],
+                                          lr=float(lr_values[r]), **extra) for w, s, r in idx],
                             config=config, gramflow=__version__, jax=jax.__version__,
+                            **extra,
                         )
-                        _atomic_save(out, f"depth{L}_group{g}_configs{index[0]:05d}", done,
-                                     meta)
+                        _atomic_save(out, f"{b.prefix}_configs{index[0]:05d}", done, meta)
                     pieces.append((index, done))
                     bar.update(1)
+                arrays = by_group.setdefault(b.g, (ws, [None] * len(bsizes)))[1]
+                arrays[b.k] = {}
                 for key, first in pieces[0][1].items():
                     v = np.empty((n,) + first.shape[1:], first.dtype)
                     for index, done in pieces:
                         v[index] = done[key]
-                    merged.setdefault(key, []).append(
-                        (ws, v.reshape((len(ws), len(seeds), len(lr_values)) + v.shape[1:])))
+                    arrays[b.k][key] = v.reshape((len(ws), len(seeds), len(lr_values))
+                                                 + v.shape[1:])
+            merged = {}
+            for ws, arrays in by_group.values():
+                for key in arrays[0]:
+                    v = arrays[0][key] if batch_sizes is None else np.stack(
+                        [a[key] for a in arrays], axis=3)  # (W_g, S, R, batch size, ...)
+                    merged.setdefault(key, []).append((ws, v))
             per_depth.append({key: _assemble(parts, len(widths))
                               for key, parts in merged.items()})
         bar.close()
@@ -777,20 +930,24 @@ def sweep(
         return jax.device_put(_assemble([([i], a[None]) for i, a in
                                       enumerate(d[key] for d in per_depth)], len(depths)))
 
+    grid_dims = GRID_DIMS + (() if batch_sizes is None else ("batch_size",))
     keys = [key for key in per_depth[0] if key not in ("loss", "first_nonfinite", "step")]
-    dims = {key: GRID_DIMS + ("record",) * (key != "first_nonfinite") + dims_of(
-        key, obs.get(key), per_depth[0][key].ndim - 3 - (key != "first_nonfinite"))
+    dims = {key: grid_dims + ("record",) * (key != "first_nonfinite") + dims_of(
+        key, obs.get(key),
+        per_depth[0][key].ndim - len(grid_dims) + 1 - (key != "first_nonfinite"))
         for key in ("loss", "first_nonfinite", *keys)}
+    step = per_depth[0]["step"]
     result = SweepResult(
         loss=stack("loss"),
         observables={key: stack(key) for key in keys},
         first_nonfinite=stack("first_nonfinite"),
-        step=jax.device_put(per_depth[0]["step"].reshape(-1, per_depth[0]["step"].shape[-1])[0]),
+        step=jax.device_put(step.reshape(-1, step.shape[-1])[0]),
         lrs=lrs_arr,
         depths=depths,
         widths=widths,
         seeds=seeds,
         arch=tuple(tuple(row) for row in arch),
+        batch_sizes=None if batch_sizes is None else bsizes,
         dims=dims,
     )
     if out is not None:
