@@ -402,3 +402,196 @@ def test_sweep_result_docstring_lists_exactly_its_fields():
     doc = gf.SweepResult.__doc__.split("**Fields:**")[1]
     listed = re.findall(r"^\s*- `(\w+)`:", doc, flags=re.M)
     assert listed == [f.name for f in dataclasses.fields(gf.SweepResult)]
+
+
+# -- test sites and mini-batch sizes ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def test_set():
+    return gf.teacher_student(jax.random.key(7), samples=6, in_dim=4)
+
+
+def test_test_sites_ride_along_every_configuration(data, test_set):
+    """`test=`: the test observables of every configuration are those of `simulate(...,
+    test=)` (test_loss and test_error join the defaults), with their dims."""
+    X, y = data
+    res = gf.sweep(X, y, widths=(3, 5), depths=(1, 2), seeds=(0, 1), lrs=(0.1,), steps=8,
+                   record_every=4, engine=gf.Collective(), test=test_set, progress=False)
+    assert {"test_loss", "test_error", "kernel_trace"} <= set(res.observables)
+    assert res.observables["test_loss"].shape == (2, 2, 2, 1, 3)
+    assert res.dims["test_loss"] == ("depth", "width", "seed", "lr", "record")
+    for i, L in enumerate((1, 2)):
+        for j, w in enumerate((3, 5)):
+            net = gf.ReLUNet.init(jax.random.key(1), 4, (w,) * L)
+            traj = gf.simulate(net, X, y, steps=8, lr=0.1, record_every=4,
+                               engine=gf.Collective(), test=test_set)
+            for key in ("test_loss", "test_error"):
+                assert rel_err(res.observables[key][i, j, 1, 0], traj.observables[key]) <= 1e-12
+            assert rel_err(res.loss[i, j, 1, 0], traj.loss) <= 1e-12
+    out = gf.sweep(X, y, widths=(3,), depths=(1,), seeds=(0,), lrs=(0.1,), steps=4,
+                   observables=("loss", "test_output"), test=test_set, progress=False)
+    assert out.observables["test_output"].shape == (1, 1, 1, 1, 5, 6)
+    assert out.dims["test_output"] == ("depth", "width", "seed", "lr", "record", "test_sample")
+
+
+def test_test_data_are_in_the_fingerprint(data, test_set, tmp_path, monkeypatch):
+    """A sweep resumed into a directory written with other test data (or none) refuses its
+    chunks, naming `test`; with the same test data it reuses them."""
+    X, y = data
+    Xt, yt = test_set
+    kw = dict(widths=(3,), depths=(1,), seeds=(0, 1), lrs=(0.1,), steps=4, progress=False,
+              out=tmp_path)
+    first = gf.sweep(X, y, test=(Xt, yt), **kw)
+    real, calls = sweep_module._run_chunk, []
+    monkeypatch.setattr(sweep_module, "_run_chunk", lambda *a: calls.append(1) or real(*a))
+    again = gf.sweep(X, y, test=(np.array(Xt), np.array(yt)), **kw)
+    assert calls == [] and np.array_equal(again.observables["test_loss"],
+                                          first.observables["test_loss"])
+    for other in ((Xt, yt.at[0].add(1e-9)), (Xt.at[2, 1].add(1e-9), yt), (Xt[:5], yt[:5])):
+        with pytest.raises(ValueError, match=r"holds chunks of a different sweep.*test = "):
+            gf.sweep(X, y, test=other, **kw)
+    with pytest.raises(ValueError, match=r"holds chunks of a different sweep.*test = "):
+        gf.sweep(X, y, **kw)
+    assert calls == []
+
+
+def test_bad_test_sets(data, test_set):
+    X, y = data
+    Xt, yt = test_set
+    kw = dict(widths=(3,), depths=(1,), seeds=(0,), lrs=(0.1,), steps=2, progress=False)
+    with pytest.raises(TypeError, match="`test` must be a pair"):
+        gf.sweep(X, y, test=Xt, **kw)
+    with pytest.raises(ValueError, match=r"in `test=\(X_test, y_test\)`.*3 columns"):
+        gf.sweep(X, y, test=(Xt[:, :3], yt), **kw)
+    with pytest.raises(ValueError, match=r"in `test=\(X_test, y_test\)`: `y` has shape"):
+        gf.sweep(X, y, test=(Xt, yt[:4]), **kw)
+    with pytest.raises(TypeError, match=r"in `test=\(X_test, y_test\)`.*dtype"):
+        gf.sweep(X, y, test=(Xt.astype(jnp.float32), yt.astype(jnp.float32)), **kw)
+    with pytest.raises(ValueError, match="reads the test sites"):
+        gf.sweep(X, y, observables=("loss", "test_loss"), **kw)
+
+
+@pytest.mark.parametrize("engine", [gf.Weights(), gf.Collective()])
+def test_batch_size_axis_equals_simulate_with_the_batch_key(data, test_set, engine):
+    """Every configuration of a sweep over batch sizes is `simulate(..., batch_size=B,
+    key=batch_key(seed))` (B = None: full batch, as without `batch_sizes`)."""
+    X, y = data
+    kw = dict(widths=(3, 5), depths=(2,), seeds=(0, 1), lrs=(0.05, 0.2), steps=10,
+              record_every=5, engine=engine, test=test_set, progress=False)
+    res = gf.sweep(X, y, batch_sizes=[None, 4, 10], **kw)
+    assert res.batch_sizes == (None, 4, 10)
+    assert res.loss.shape == (1, 2, 2, 2, 3, 3)
+    assert res.dims["loss"] == ("depth", "width", "seed", "lr", "batch_size", "record")
+    assert res.dims["first_nonfinite"] == ("depth", "width", "seed", "lr", "batch_size")
+    assert res.dims["gradient_noise"][-2:] == ("record", "statistic")
+    noise = res.observables["gradient_noise"]
+    assert np.all(noise[..., 0, :, 0] == 0)  # full batch (counted as B = P): no noise
+    assert np.all(noise[..., 2, :, 0] == 0)  # B = P: no noise either
+    assert np.all(noise[..., 1, 1:, 0] > 0)
+    full = gf.sweep(X, y, **kw)  # no batch_sizes: no axis, the full-batch entry
+    assert full.batch_sizes is None and "gradient_noise" not in full.observables
+    assert rel_err(res.observables["r"][..., 0, :, :], full.observables["r"]) <= 1e-12
+    for j, s_i, r_i, b_i in ((0, 1, 0, 1), (1, 0, 1, 2), (1, 1, 0, 1), (0, 0, 1, 0)):
+        w, seed, lr, B = (3, 5)[j], (0, 1)[s_i], (0.05, 0.2)[r_i], (None, 4, 10)[b_i]
+        net = gf.ReLUNet.init(jax.random.key(seed), 4, (w, w))
+        sgd = {} if B is None else dict(batch_size=B, key=sweep_module.batch_key(seed))
+        traj = gf.simulate(net, X, y, steps=10, lr=lr, record_every=5, engine=engine,
+                           test=test_set, **sgd)
+        at = (0, j, s_i, r_i, b_i)
+        assert rel_err(res.observables["r"][at], traj.r) <= 1e-12
+        assert rel_err(res.loss[at], traj.loss) <= 1e-12
+        assert rel_err(res.observables["test_loss"][at], traj.observables["test_loss"]) <= 1e-12
+        if B is not None:
+            assert rel_err(noise[at], traj.observables["gradient_noise"]) <= 1e-12
+    key = sweep_module.batch_key(3)
+    assert np.array_equal(jax.random.key_data(key), jax.random.key_data(
+        jax.random.fold_in(jax.random.key(3), 0xBA7C4)))
+
+
+def test_batch_sizes_compile_once_each_and_do_not_retrace(data):
+    """One program per (bucket, batch size) — the index arrays of each batch size have
+    their own shape — and an identical second call traces nothing."""
+    X, y = data
+    traces = []
+
+    def counted(view):
+        traces.append(view.r.shape)
+        return jnp.sum(view.H[0])
+
+    kw = dict(widths=(3, 5), depths=(1,), seeds=(0, 1), lrs=(0.05,), steps=4,
+              observables={"h": counted}, batch_sizes=(None, 2, 5), progress=False,
+              max_padding=0.0)  # two buckets × three batch sizes
+    first = gf.sweep(X, y, **kw)
+    n = len(traces)
+    assert n >= 1
+    second = gf.sweep(X, y, **kw)
+    assert len(traces) == n
+    assert np.array_equal(first.observables["h"], second.observables["h"])
+    assert first.observables["h"].shape == (1, 2, 2, 1, 3, 5)
+
+
+def test_batch_sweep_resumes_and_reloads(data, tmp_path, monkeypatch, fixed_cost):
+    X, y = data
+    kw = dict(widths=(3, 5), depths=(1,), seeds=(0, 1), lrs=(0.1,), steps=6, record_every=3,
+              progress=False, batch_sizes=[None, 3], max_bytes=3 * PER)
+    reference = gf.sweep(X, y, **kw)
+    real, computed = sweep_module._run_chunk, []
+
+    def interrupted(*args):
+        if len(computed) == 2:
+            raise KeyboardInterrupt
+        computed.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(sweep_module, "_run_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gf.sweep(X, y, out=tmp_path, **kw)
+    names = sorted(p.name for p in tmp_path.glob("depth*.json"))
+    assert len(names) == 2 and all("_batch" in name for name in names)
+    meta = json.loads((tmp_path / names[0]).read_text())
+    assert {"width", "seed", "lr", "batch_size"} == set(meta["configs"][0])
+    assert meta["config"]["batch_sizes"] == [None, 3]
+    monkeypatch.setattr(sweep_module, "_run_chunk", real)
+    resumed = gf.sweep(X, y, out=tmp_path, **kw)
+    assert np.array_equal(resumed.loss, reference.loss)
+    back = gf.SweepResult.load(tmp_path)
+    assert back.batch_sizes == (None, 3) and back.dims == resumed.dims
+    assert np.array_equal(back.observables["gradient_noise"],
+                          resumed.observables["gradient_noise"])
+    with pytest.raises(ValueError, match=r"different sweep.*batch_sizes = \[null, 3\] there, "
+                                         r"\[null, 4\] now"):
+        gf.sweep(X, y, out=tmp_path, **{**kw, "batch_sizes": [None, 4]})
+    with pytest.raises(ValueError, match=r"different sweep.*batch_sizes"):
+        gf.sweep(X, y, out=tmp_path, **{**kw, "batch_sizes": None})
+
+
+def test_memory_estimate_counts_the_batches(data, monkeypatch):
+    """The per-configuration estimate is read off each (bucket, batch size) program, its
+    `(steps, B)` index array among the inputs."""
+    X, y = data
+    seen = []
+    real = sweep_module.working_bytes
+    monkeypatch.setattr(sweep_module, "_COST", {})
+    monkeypatch.setattr(sweep_module, "working_bytes",
+                        lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    gf.sweep(X, y, widths=(3,), depths=(1,), seeds=(0,), lrs=(0.1,), steps=20,
+             batch_sizes=[None, 8], progress=False)
+    assert len(seen) == 2 and seen[0] is None and seen[1].shape == (1, 20, 8)
+
+
+def test_bad_batch_sizes(data):
+    X, y = data
+    kw = dict(widths=(3,), depths=(1,), seeds=(0,), lrs=(0.1,), steps=2, progress=False)
+    for bad, error, match in (([11], ValueError, r"`batch_sizes` entries must be in \[1, P\] "
+                                                 r"= \[1, 10\].*got 11"),
+                              ([0], ValueError, r"`batch_sizes` entries must be in \[1, P\]"),
+                              ([-2], ValueError, r"`batch_sizes` entries must be in \[1, P\]"),
+                              ([True], TypeError, "`batch_sizes` entries must be ints or None"),
+                              ([2.5], TypeError, "`batch_sizes` entries must be ints or None"),
+                              ([], ValueError, "`batch_sizes` must be non-empty"),
+                              ([4, 4], ValueError, "`batch_sizes` lists a batch size twice"),
+                              (4, TypeError, "`batch_sizes` must be a sequence")):
+        with pytest.raises(error, match=match):
+            gf.sweep(X, y, batch_sizes=bad, **kw)
+    with pytest.raises(ValueError, match="'gradient_noise' describes mini-batch steps"):
+        gf.sweep(X, y, observables=("loss", "gradient_noise"), **kw)

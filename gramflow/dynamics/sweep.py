@@ -357,6 +357,30 @@ def _read_arrays(meta_path, meta) -> dict:
         return {key: z[key] for key in z.files}
 
 
+def _refuse(directory, meta_path, meta, config) -> ValueError:
+    """The error for a chunk `meta_path` of another sweep in `directory`, naming what
+    differs."""
+    old = meta.get("config", {})
+    diff = [f"{k} = {_short(old.get(k))} there, {_short(config.get(k))} now"
+            for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+    return ValueError(
+        f"`out` = {str(directory)!r} holds chunks of a different sweep ("
+        f"{os.path.basename(meta_path)}): "
+        + ("; ".join(diff) if diff else "the data `X`, `y` differ")
+        + ". Pass another `out` directory, or empty this one to start over."
+    )
+
+
+def _check_directory(directory, fingerprint, config) -> None:
+    """Every chunk in `directory` (not only those named like this sweep's: a sweep over
+    batch sizes names its chunks by batch size) must be of this sweep."""
+    for meta_path in sorted(glob.glob(os.path.join(glob.escape(str(directory)),
+                                                   "depth*_configs*.json"))):
+        meta = _read_meta(meta_path)
+        if meta["fingerprint"] != fingerprint:
+            raise _refuse(directory, meta_path, meta, config)
+
+
 def _load_finished(directory, prefix, fingerprint, config, n):
     """The finished chunks `prefix_configs*.json` in `directory`, as `(indices, arrays)` pairs
     (indices into the `n` configurations of the group). Chunks of another chunking are fine;
@@ -366,15 +390,7 @@ def _load_finished(directory, prefix, fingerprint, config, n):
                                                    glob.escape(prefix) + "_configs*.json"))):
         meta = _read_meta(meta_path)
         if meta["fingerprint"] != fingerprint:
-            old = meta.get("config", {})
-            diff = [f"{k} = {_short(old.get(k))} there, {_short(config.get(k))} now"
-                    for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
-            raise ValueError(
-                f"`out` = {str(directory)!r} holds chunks of a different sweep ("
-                f"{os.path.basename(meta_path)}): "
-                + ("; ".join(diff) if diff else "the data `X`, `y` differ")
-                + ". Pass another `out` directory, or empty this one to start over."
-            )
+            raise _refuse(directory, meta_path, meta, config)
         arrays = _read_arrays(meta_path, meta)
         index = np.asarray(meta["index"], np.int64)
         if index.size == 0 or index.min() < 0 or index.max() >= n or any(
@@ -755,6 +771,7 @@ def sweep(
     finished, todo = {}, {}
     if out is not None:
         os.makedirs(out, exist_ok=True)
+        _check_directory(out, fingerprint, config)
     for i, L in enumerate(depths):
         for b in plans[i]:
             n = len(b.ws) * n_sr
