@@ -96,6 +96,11 @@ SCRIPT = textwrap.dedent(r'''
         record(f"{name}/eigs vectors", a.vectors, b.vectors, err=rel(U @ U.T, W @ W.T))
         results[f"{name}/eigs residuals"] = {"err": 0.0, "sharded": True,
                                              "max": float(np.max(np.asarray(b.residuals)))}
+        a, b = gf.kernel_eigs(net, Xs, k=3), gf.kernel_eigs(net, X, k=3)
+        assert int(a.iterations) == 0  # the dense fallback
+        U, W = (np.asarray(e.vectors).reshape(-1, 3) for e in (a, b))
+        results[f"{name}/eigs dense values"] = {"err": rel(a.values, b.values), "sharded": True}
+        record(f"{name}/eigs dense vectors", a.vectors, b.vectors, err=rel(U @ U.T, W @ W.T))
 
         record(f"{name}/collective_kernel", gf.collective_kernel(net, Xs),
                gf.collective_kernel(net, X), columns=True)

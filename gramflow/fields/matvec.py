@@ -22,12 +22,14 @@ def _kernel_matmat(net, Z, Delta, V, block_size=None):
                for layer, z, d in zip(net.layers, Z, Delta))
 
 
-def sample_sharding(X) -> NamedSharding | None:
+def _sample_sharding(X) -> NamedSharding | None:
     """The sharding of `X` if it is a concrete array sharded along its sample axis only
     (`NamedSharding(mesh, PartitionSpec(axes))`), else `None` (one device, replicated, or
     traced). Results along samples are then constrained to the same sharding."""
-    sharding = getattr(X, "sharding", None) if isinstance(X, jax.Array) else None
-    if not isinstance(sharding, NamedSharding) or isinstance(X, jax.core.Tracer):
+    if not isinstance(X, jax.Array) or isinstance(X, jax.core.Tracer):
+        return None
+    sharding = X.sharding
+    if not isinstance(sharding, NamedSharding):
         return None
     spec = tuple(sharding.spec) + (None,) * (X.ndim - len(sharding.spec))
     if spec[0] is None or any(s is not None for s in spec[1:]):
@@ -75,7 +77,7 @@ def kernel_matvec(
     if v.shape[: len(single)] != single or v.ndim > len(single) + 1:
         raise ValueError(f"`v` must have shape {single} or {single + ('m',)}, got {v.shape}.")
     _check_block_size(block_size)
-    return _matvec(net, X, v, block_size, sample_sharding(X))
+    return _matvec(net, X, v, block_size, _sample_sharding(X))
 
 
 def _check_block_size(block_size):
@@ -209,9 +211,10 @@ def kernel_eigs(
         values, vectors = jnp.linalg.eigh(flat_kernel(collective_kernel(net, X)))
         values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
         zero = jnp.zeros((k,), values.dtype)
-        return KernelEigs(values, vectors.reshape(*shape, k), zero, jnp.asarray(0))
+        vectors = _constrain(_sample_sharding(X), vectors.reshape(*shape, k))
+        return KernelEigs(values, vectors, zero, jnp.asarray(0))
     key = jax.random.key(0) if key is None else key
-    return _krylov_eigs(net, X, key, k, iters, block_size, sample_sharding(X))
+    return _krylov_eigs(net, X, key, k, iters, block_size, _sample_sharding(X))
 
 
 @eqx.filter_jit
