@@ -18,6 +18,7 @@ from gramflow.dynamics.batch import (
     stack,
     vmap_keys,
     width_buckets,
+    working_bytes,
 )
 from gramflow.dynamics.observables import resolve
 
@@ -175,3 +176,67 @@ def test_pairs_in_sequence_equal_pairs_side_by_side(data):
         for key in side:
             assert seq[key].shape == side[key].shape
             assert np.allclose(seq[key], side[key], rtol=1e-12, atol=0)
+
+
+def test_core_takes_batches_and_test_sites(data):
+    """`core_sweep(..., batches=, test=)`: shared `(steps, b)` or per-network `(B, steps, b)`
+    mini-batches, test sites along; equal to `simulate` per network and lr, and `jax.grad`
+    with respect to the lrs still goes through."""
+    X, y = data
+    test = gf.teacher_student(jax.random.key(9), samples=5, in_dim=4)
+    nets, lrs = nets_of((5, 4)), jnp.array([0.05, 0.1])
+    keys = [jax.random.key(10 + s) for s in range(2)]
+    per_net = jnp.stack([gf.batch_schedule(k, 10, 3, 6) for k in keys])
+    for batches in (per_net[0], per_net):
+        out = core_sweep(nets, X, y, steps=6, lrs=lrs, record_every=3, batches=batches,
+                         test=test, engine=gf.Collective())
+        assert out.loss.shape == (2, 2, 3)
+        assert out.observables["gradient_noise"].shape == (2, 2, 3, 2)
+        for b, r in itertools.product(range(2), range(2)):
+            net = gf.ReLUNet.init(jax.random.key(b), 4, (5, 4))
+            one = gf.simulate(net, X, y, steps=6, lr=float(lrs[r]), record_every=3,
+                              engine=gf.Collective(), test=test,
+                              batches=batches if batches.ndim == 2 else batches[b])
+            for key in ("test_loss", "gradient_noise"):
+                assert np.allclose(out.observables[key][b, r], one.observables[key],
+                                   rtol=1e-12, atol=1e-15)
+            assert np.allclose(out.loss[b, r], one.loss, rtol=1e-12, atol=0)
+    g = jax.grad(lambda eta: core_sweep(nets, X, y, steps=4, lrs=eta, batches=per_net[:, :4])
+                 .loss[..., -1].sum())(lrs)
+    assert g.shape == (2,) and np.all(np.isfinite(g))
+    with pytest.raises(ValueError, match=r"`batches` must be an int array .*B = 2 networks"):
+        core_sweep(nets, X, y, steps=6, lrs=lrs, batches=jnp.stack([per_net] * 2))
+    with pytest.raises(ValueError, match=r"`batches` must be an int array .*B = 2 networks"):
+        core_sweep(nets, X, y, steps=6, lrs=lrs, batches=per_net[:1])
+
+
+def test_pairs_with_batches_in_sequence_equal_side_by_side(data):
+    X, y = data
+    nets = nets_of((5, 4), seeds=(0, 1, 2))
+    lrs = jnp.array([0.05, 0.1, 0.2])
+    batches = jnp.stack([gf.batch_schedule(jax.random.key(s), 10, 4, 6) for s in range(3)])
+    test = gf.teacher_student(jax.random.key(9), samples=5, in_dim=4)
+    obs = resolve(None, fields=True, top_m=5, test=True, batch_size=4)
+    kw = dict(steps=6, engine=gf.Weights(), record_every=3, top_m=5, reference=None,
+              observables=obs)
+    side = run_pairs(nets, lrs, X, y, batches, test, **kw)
+    assert {"test_loss", "test_error", "gradient_noise"} <= set(side)
+    for k in (1, 2):
+        seq = run_pairs(nets, lrs, X, y, batches, test, vmap_size=k, **kw)
+        for key in side:
+            assert np.allclose(seq[key], side[key], rtol=1e-12, atol=1e-15)
+    one = gf.simulate(gf.ReLUNet.init(jax.random.key(2), 4, (5, 4)), X, y, steps=6, lr=0.2,
+                      record_every=3, batches=batches[2], test=test)
+    assert np.allclose(side["r"][2], one.r, rtol=1e-12, atol=1e-15)
+
+
+def test_working_bytes_counts_the_batches(data):
+    """The memory estimate reads the program's inputs: the `(steps, b)` index arrays too."""
+    X, y = data
+    nets = nets_of((5,), seeds=(0,))
+    lrs = np.array([0.1])
+    kw = dict(steps=200, engine=gf.Weights(), record_every=200, top_m=5, reference=None,
+              observables=resolve(("loss",), fields=True, top_m=5))
+    full = working_bytes(run_pairs, nets, lrs, X, y, **kw)
+    sgd = working_bytes(run_pairs, nets, lrs, X, y, np.zeros((1, 200, 8), np.int32), **kw)
+    assert sgd >= full + 200 * 8 * 4

@@ -208,7 +208,8 @@ def test_sharded_equals_single_device(data, tmp_path):
         "import gramflow as gf\n"
         "X, y = gf.teacher_student(jax.random.key(0), samples=10, in_dim=4)\n"
         "res = gf.sweep(X, y, widths=(3, 6), depths=(1, 2), seeds=(0, 1, 2), lrs=(0.05, 0.1),\n"
-        "               steps=12, record_every=4, progress=False, max_bytes=400_000)\n"
+        "               steps=12, record_every=4, progress=False, max_bytes=400_000,\n"
+        "               batch_sizes=(None, 4))\n"
         "np.savez(sys.argv[1], n=len(jax.devices()), loss=res.loss, r=res.observables['r'])\n"
     )
     outputs = {}
@@ -582,8 +583,8 @@ def test_memory_estimate_counts_the_batches(data, monkeypatch):
 def test_bad_batch_sizes(data):
     X, y = data
     kw = dict(widths=(3,), depths=(1,), seeds=(0,), lrs=(0.1,), steps=2, progress=False)
-    for bad, error, match in (([11], ValueError, r"`batch_sizes` entries must be in \[1, P\] "
-                                                 r"= \[1, 10\].*got 11"),
+    for bad, error, match in (([11], ValueError, (r"`batch_sizes` entries must be in \[1, P\] "
+                                                  r"= \[1, 10\].*got 11")),
                               ([0], ValueError, r"`batch_sizes` entries must be in \[1, P\]"),
                               ([-2], ValueError, r"`batch_sizes` entries must be in \[1, P\]"),
                               ([True], TypeError, "`batch_sizes` entries must be ints or None"),

@@ -667,10 +667,11 @@ def sweep(
       gradient descent, exactly as without the argument; an int B in [1, P]: the loss of
       each step is `½ Σ_{μ∈batch} r_μ²` of B samples, drawn without replacement within an
       epoch). The batches of seed s at batch size B are `batch_schedule(batch_key(s), P, B,
-      steps)` with `batch_key(s) = jax.random.fold_in(jax.random.key(s), 0xBA7C4)`, so a
-      configuration is `simulate(ReLUNet.init(jax.random.key(s), ...), X, y, lr=lr,
-      batch_size=B, key=batch_key(s), ...)` — the same batches for every width and learning
-      rate of a seed. Each batch size compiles its own program per bucket (the `(steps, B)`
+      steps)` with `batch_key(s) = jax.random.fold_in(jax.random.key(s), 0xBA7C4)`
+      (`gramflow.dynamics.sweep.batch_key`), so a configuration is
+      `simulate(ReLUNet.init(jax.random.key(s), ...), X, y, lr=lr, batch_size=B,
+      key=batch_key(s), ...)` — the same batches for every width and learning rate of a
+      seed. Each batch size compiles its own program per bucket (the `(steps, B)`
       index arrays have its shape). The result gains the axis `batch_size` after `lr`, also
       for `[None]`; `gradient_noise` (`GradientNoise(B)`, with B = P for full batch: zero
       noise) joins the default observables of engines carrying fields. Default `None`: full
