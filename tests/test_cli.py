@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import gramflow as gf
+from gramflow.cli import demo
 from gramflow.cli.main import main
 
 
@@ -26,8 +27,12 @@ def test_demo_tiny_writes_figures_and_results(tmp_path, capsys):
         for fig in ("loss_curves", "kernel_shares", "spectrum", "kernel_drift_vs_width",
                     "closure_error_vs_depth"):
             assert f"{data}_{fig}.png" in names
+    assert "limit_distance_vs_width.png" in names
     assert all(p.stat().st_size > 5000 for p in pngs)
     meta = json.loads((tmp_path / "results.json").read_text())
+    # The distance of K₀ from the infinite-width limit falls with width, about as N^{-1/2}.
+    for data in ("teacher", "digits"):
+        assert -0.75 < meta["limit"][data]["slope_total"] < -0.25
     rows = meta["summary"]
     assert {r["dataset"] for r in rows} == {"teacher", "digits"}
     for r in rows:
@@ -38,10 +43,18 @@ def test_demo_tiny_writes_figures_and_results(tmp_path, capsys):
             assert r["layer_local"] > 1e-6
     with np.load(tmp_path / "results.npz") as data:
         assert data["teacher_loss"].ndim == 5 and data["digits_closure_error"].ndim == 5
+        distance = data["digits_limit_distance"]  # (width, seed, layer + total)
+        assert distance.shape == (3, 4, 3)
+        assert (np.diff(distance.mean(axis=1), axis=0) < 0).all()
 
 
 def test_demo_without_scikit_learn_runs_the_synthetic_task(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
+    # Which datasets run is what is tested here (the tiny demo itself, above): a smaller grid,
+    # one depth, so fewer programs to compile.
+    monkeypatch.setitem(demo.SIZES, "tiny", {
+        "teacher": 12, "digits": 12, "widths": (4,), "depths": (1,), "steps": 4, "seeds": (0,),
+        "limit_widths": (4, 16), "limit_seeds": 1})
     assert main(["demo", "--size", "tiny", "--data", "digits", "--out", str(tmp_path),
                  "--quiet"]) == 0
     text = capsys.readouterr().out
