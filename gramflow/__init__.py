@@ -46,6 +46,7 @@ from .dynamics.engines import (
     WeightsState as WeightsState,
 )
 from .dynamics.lazy import LazyPredictions as LazyPredictions
+from .dynamics.minibatch import batch_key as batch_key
 from .dynamics.minibatch import batch_schedule as batch_schedule
 from .dynamics.lazy import lazy_predictions as lazy_predictions
 from .dynamics.observables import (

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gramflow as gf
-from gramflow.cli.main import batch_key, main
+from gramflow.cli.main import main
 
 
 def _arrays(P=12, d=3, k=None, seed=0):
@@ -58,7 +58,7 @@ def test_load_errors(tmp_path):
 
 def test_cli_simulate_on_a_file_with_minibatches(tmp_path, capsys):
     """`gramflow simulate --data FILE --batch-size B` runs SGD on the file's rows, with the
-    batches of `batch_key(seed)`: the same run as the API's."""
+    batches of `gf.batch_key(seed)`: the same run as the API's."""
     X, y = _arrays(P=16, d=4)
     np.savez(tmp_path / "d.npz", X=X, y=y)
     out = tmp_path / "sim"
@@ -72,8 +72,33 @@ def test_cli_simulate_on_a_file_with_minibatches(tmp_path, capsys):
     assert r.shape == (4, 14) and noise.shape == (4, 2)
     assert summary["dims"]["gradient_noise"] == ["record", "statistic"]
     net = gf.ReLUNet.init(jax.random.key(1), 4, (6, 6), dtype=X.dtype)
-    ref = gf.simulate(net, X[:14], y[:14], steps=12, lr=0.05, batch_size=4, key=batch_key(0),
+    ref = gf.simulate(net, X[:14], y[:14], steps=12, lr=0.05, batch_size=4, key=gf.batch_key(0),
                       record_every=4)
     np.testing.assert_allclose(r, ref.r, rtol=0, atol=1e-12)
     assert main(["simulate", "--data", str(tmp_path / "missing.npz"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_sweep_over_batch_sizes(tmp_path):
+    """`gramflow sweep --batch-sizes 4 full` on a file: a batch-size axis in every array and
+    its name in the dims; the entries equal the API's sweep."""
+    X, y = _arrays(P=12, d=3)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    out = tmp_path / "sw"
+    assert main(["sweep", "--data", str(tmp_path / "d.npz"), "--depths", "1", "--widths", "4",
+                 "--seeds", "0", "--lrs", "0.05", "--steps", "6", "--record-every", "3",
+                 "--batch-sizes", "4", "full", "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["dims"]["loss"] == ["depth", "width", "seed", "lr", "batch_size", "record"]
+    assert summary["final_loss_dims"] == ["depth", "width", "lr", "batch_size"]
+    ref = gf.sweep(X, y, widths=[4], depths=[1], seeds=[0], lrs=[0.05], steps=6,
+                   record_every=3, batch_sizes=[4, None], progress=False)
+    with np.load(out / "results.npz") as data:
+        np.testing.assert_allclose(data["loss"], ref.loss, rtol=1e-12)
+    config = tmp_path / "s.toml"
+    config.write_text(f'data = "{tmp_path / "d.npz"}"\ndepths = 1\nwidths = 4\nseeds = 0\n'
+                      f'lrs = 0.05\nsteps = 2\nbatch_sizes = [4, "full"]\n'
+                      f'out = "{tmp_path / "toml"}"\n')
+    assert main(["sweep", "--config", str(config)]) == 0
+    config.write_text('batch_sizes = [0]\n')
+    assert main(["sweep", "--config", str(config)]) == 2

@@ -147,6 +147,9 @@ def test_batch_schedule(getkey):
     a = gf.simulate(net, X, y, steps=10, lr=0.1, batch_size=4, key=key)
     b = gf.simulate(net, X, y, lr=0.1, batches=s)
     np.testing.assert_array_equal(a.r, b.r)
+    # fewer steps than record_every: one record at the start, one at the end
+    c = gf.simulate(net, X, y, steps=2, lr=0.1, batch_size=4, key=key, record_every=5)
+    np.testing.assert_array_equal(c.r, a.r[np.array([0, 2])])
 
 
 @pytest.mark.parametrize("engine", [gf.Weights(), gf.Collective()], ids=["weights", "collective"])

@@ -495,7 +495,7 @@ def test_batch_size_axis_equals_simulate_with_the_batch_key(data, test_set, engi
     for j, s_i, r_i, b_i in ((0, 1, 0, 1), (1, 0, 1, 2), (1, 1, 0, 1), (0, 0, 1, 0)):
         w, seed, lr, B = (3, 5)[j], (0, 1)[s_i], (0.05, 0.2)[r_i], (None, 4, 10)[b_i]
         net = gf.ReLUNet.init(jax.random.key(seed), 4, (w, w))
-        sgd = {} if B is None else dict(batch_size=B, key=sweep_module.batch_key(seed))
+        sgd = {} if B is None else dict(batch_size=B, key=gf.batch_key(seed))
         traj = gf.simulate(net, X, y, steps=10, lr=lr, record_every=5, engine=engine,
                            test=test_set, **sgd)
         at = (0, j, s_i, r_i, b_i)
@@ -504,7 +504,7 @@ def test_batch_size_axis_equals_simulate_with_the_batch_key(data, test_set, engi
         assert rel_err(res.observables["test_loss"][at], traj.observables["test_loss"]) <= 1e-12
         if B is not None:
             assert rel_err(noise[at], traj.observables["gradient_noise"]) <= 1e-12
-    key = sweep_module.batch_key(3)
+    key = gf.batch_key(3)
     assert np.array_equal(jax.random.key_data(key), jax.random.key_data(
         jax.random.fold_in(jax.random.key(3), 0xBA7C4)))
 

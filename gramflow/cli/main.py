@@ -139,9 +139,24 @@ def _load_toml(path):
             raise ValueError(f"cannot read config {path}: {err}; fix the TOML there.") from err
 
 
+def _batch_size(text):
+    """A `--batch-sizes` entry: a positive int, or `full` for full-batch gradient descent."""
+    if text in ("full", None):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor 'full'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"batch sizes are positive, got {value}")
+    return value
+
+
 def _is(value, kind) -> bool:
     if isinstance(value, bool):
         return False
+    if kind is _batch_size:
+        return value == "full" or (isinstance(value, int) and value > 0)
     return isinstance(value, {int: int, float: (int, float)}.get(kind, str))
 
 
@@ -159,7 +174,8 @@ def _toml_value(path, key, value, option: dict):
     for v in items:
         per_layer = key == "widths" and isinstance(v, list) and v and all(_is(n, int) for n in v)
         if not (_is(v, kind) or per_layer):
-            what = {int: "an int", float: "a number"}.get(kind, "a string")
+            what = {int: "an int", float: "a number",
+                    _batch_size: 'a positive int or "full"'}.get(kind, "a string")
             raise ValueError(
                 f"`{key}` in {path} must be {what}{' or a list of them' if many else ''}, "
                 f"got {value!r}."
@@ -288,6 +304,9 @@ def _sweep_options():
         parametrization=dict(choices=PARAMETRIZATIONS),
         record_every=dict(type=int),
         max_bytes=dict(type=int),
+        batch_sizes=dict(type=_batch_size, nargs="+", metavar="B",
+                         help="mini-batch sizes as a grid axis, 'full' for full batch (the "
+                              "batches of seed s are drawn from gramflow.batch_key(s))"),
         **_common_options(),
     )
 
@@ -297,13 +316,6 @@ SIMULATE_DEFAULTS = dict(data="teacher", samples=None, depth=2, width=128,
                          reference="weights", record_every=10, seed=0, out="gramflow-simulate",
                          structure="plain", dtype="float64", observables=None, batch_size=None)
 
-
-def batch_key(seed: int):
-    """The key the command line draws mini-batches from: `fold_in(key(seed), 1)` (the
-    network is drawn from `key(seed + 1)`)."""
-    import jax
-
-    return jax.random.fold_in(jax.random.key(seed), 1)
 
 
 def _simulate(args) -> int:
@@ -330,7 +342,7 @@ def _simulate(args) -> int:
     reference = (None if c["reference"] in (None, "none", c["engine"])
                  else _engine(c["reference"]))
     sgd = {} if c["batch_size"] is None else dict(batch_size=c["batch_size"],
-                                                  key=batch_key(c["seed"]))
+                                                  key=gf.batch_key(c["seed"]))
     traj = gf.simulate(net, X, y, steps=c["steps"], lr=lr, engine=_engine(c["engine"]),
                        record_every=c["record_every"], reference=reference,
                        observables=c["observables"], **sgd)
@@ -382,7 +394,8 @@ def _simulate_dims(arrays, c, engine) -> dict:
 SWEEP_DEFAULTS = dict(data="teacher", samples=None, depths=[1, 2], widths=[32, 128],
                       seeds=[0, 1], lrs=[0.05, 0.1], steps=200, engine="weights",
                       parametrization="ntk", record_every=10, out="gramflow-sweep",
-                      max_bytes=None, structure="plain", dtype="float64", observables=None)
+                      max_bytes=None, structure="plain", dtype="float64", observables=None,
+                      batch_sizes=None)
 
 
 def _sweep(args) -> int:
@@ -399,24 +412,30 @@ def _sweep(args) -> int:
                    parametrization=c["parametrization"], record_every=c["record_every"],
                    out=os.path.join(out, "chunks"), max_bytes=c["max_bytes"],
                    observables=c["observables"],
-                   structure=None if c["structure"] == "plain" else _structure(c["structure"]))
+                   structure=None if c["structure"] == "plain" else _structure(c["structure"]),
+                   batch_sizes=None if c["batch_sizes"] is None
+                   else [_batch_size(b) for b in c["batch_sizes"]])
     arrays = {"loss": np.asarray(res.loss), "step": np.asarray(res.step),
               "first_nonfinite": np.asarray(res.first_nonfinite)}
     arrays.update({k: np.asarray(v) for k, v in res.observables.items()})
     np.savez(os.path.join(out, "results.npz"), **arrays)
-    final = np.asarray(res.loss)[..., -1].mean(axis=2)
+    final = np.asarray(res.loss)[..., -1].mean(axis=2)  # (depth, width, lr[, batch size])
+    if res.batch_sizes is None:
+        cell, names = final[..., None], [""]
+    else:
+        cell, names = final, [f", B {'full' if B is None else B}" for B in res.batch_sizes]
     print("final loss (mean over seeds):")
     for i, L in enumerate(res.depths):
         for j, w in enumerate(res.widths):
-            cells = "  ".join(f"lr {lr:g}: {final[i, j, r]:.3e}"
-                              for r, lr in enumerate(np.asarray(res.lrs)))
+            cells = "  ".join(
+                f"lr {lr:g}{name}: {cell[i, j, r, b]:.3e}"
+                for r, lr in enumerate(np.asarray(res.lrs)) for b, name in enumerate(names))
             print(f"  L = {L}, width {w}: {cells}")
     with open(os.path.join(out, "results.json"), "w") as f:
-        dims = {"loss": ["depth", "width", "seed", "lr", "record"],
-                "first_nonfinite": ["depth", "width", "seed", "lr"], "step": ["record"],
-                **{k: list(v) for k, v in res.dims.items()}}
-        json.dump(dict(config=c, final_loss=final.tolist(), final_loss_dims=[
-            "depth", "width", "lr"], **_provenance(X, dims)), f, indent=1)
+        dims = {"step": ["record"], **{k: list(v) for k, v in res.dims.items()}}
+        final_dims = [d for d in dims["loss"] if d not in ("seed", "record")]
+        json.dump(dict(config=c, final_loss=final.tolist(), final_loss_dims=final_dims,
+                       **_provenance(X, dims)), f, indent=1)
     if _figures_available():
         from ..studies.plots import sweep_figure
 

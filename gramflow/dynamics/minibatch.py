@@ -23,6 +23,18 @@ def weigh(m: Array, r: Array) -> Array:
     return m.reshape(m.shape + (1,) * (r.ndim - 1)) * r
 
 
+#: the constant folded into a seed's key for its mini-batches: `batch_key(seed)`
+BATCH_KEY = 0xBA7C4
+
+
+def batch_key(seed: int) -> PRNGKeyArray:
+    """The key the mini-batches of seed `seed` are drawn from by `sweep(batch_sizes=...)` and
+    `gramflow simulate|sweep --batch-size`: `jax.random.fold_in(jax.random.key(seed),
+    0xBA7C4)`, independent of the network's `jax.random.key(seed)`. A configuration of
+    seed s and batch size B is `simulate(net, X, y, ..., batch_size=B, key=batch_key(s))`."""
+    return jax.random.fold_in(jax.random.key(int(seed)), BATCH_KEY)
+
+
 def batch_schedule(key: PRNGKeyArray, num_samples: int, batch_size: int,
                    steps: int) -> Int[Array, "steps B"]:
     """The batches of `steps` SGD steps, `(steps, batch_size)` sample indices: each epoch is a

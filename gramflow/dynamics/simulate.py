@@ -190,7 +190,7 @@ def _simulate(net, X, y, lr, steps, record_every, engine, reference_engine, obs,
     per_chunk = tail_batches = None
     if batches is not None:
         cut = n_records * record_every
-        per_chunk = batches[:cut].reshape(n_records, record_every, -1)
+        per_chunk = batches[:cut].reshape(n_records, record_every, batches.shape[1])
         tail_batches = batches[cut:]
     state, (records, losses) = jax.lax.scan(chunk, state, per_chunk, length=n_records)
     pieces = [jax.tree.map(lambda x: x[None], first), records]

@@ -35,7 +35,7 @@ from .batch import (
     working_bytes,
 )
 from .engines import AbstractEngine, Weights
-from .minibatch import batch_schedule
+from .minibatch import BATCH_KEY, batch_key, batch_schedule
 from .observables import dims_of, resolve
 from .simulate import _check_engine
 
@@ -45,17 +45,6 @@ _COST: dict = {}  # per-configuration memory of each program the driver has meas
 #: sweep was given `batch_sizes`)
 GRID_DIMS = ("depth", "width", "seed", "lr")
 
-#: the constant folded into a seed's key for its mini-batches: `batch_key(seed)`
-BATCH_KEY = 0xBA7C4
-
-
-def batch_key(seed: int):
-    """The key the mini-batches of seed `seed` are drawn from in a sweep over batch sizes,
-    `jax.random.fold_in(jax.random.key(seed), BATCH_KEY)` (`BATCH_KEY = 0xBA7C4`),
-    independent of the network's `jax.random.key(seed)`; at every batch size B the
-    configuration's batches are `batch_schedule(batch_key(seed), P, B, steps)`, so it is
-    `simulate(net, X, y, ..., batch_size=B, key=batch_key(seed))`."""
-    return jax.random.fold_in(jax.random.key(int(seed)), BATCH_KEY)
 
 
 def _check_batch_sizes(batch_sizes, P: int) -> tuple:
@@ -668,7 +657,7 @@ def sweep(
       each step is `½ Σ_{μ∈batch} r_μ²` of B samples, drawn without replacement within an
       epoch). The batches of seed s at batch size B are `batch_schedule(batch_key(s), P, B,
       steps)` with `batch_key(s) = jax.random.fold_in(jax.random.key(s), 0xBA7C4)`
-      (`gramflow.dynamics.sweep.batch_key`), so a configuration is
+      (`gramflow.batch_key`), so a configuration is
       `simulate(ReLUNet.init(jax.random.key(s), ...), X, y, lr=lr, batch_size=B,
       key=batch_key(s), ...)` — the same batches for every width and learning rate of a
       seed. Each batch size compiles its own program per bucket (the `(steps, B)`

@@ -111,13 +111,20 @@ def trajectory_figure(out: str, traj, title: str) -> str:
 
 def sweep_figure(out: str, result) -> str:
     plt = _plt()
-    loss = np.asarray(result.loss)[..., -1].mean(axis=2)  # (depth, width, lr)
+    loss = np.asarray(result.loss)[..., -1].mean(axis=2)  # (depth, width, lr[, batch size])
+    batches = getattr(result, "batch_sizes", None)
+    if batches is None:
+        loss, batches, named = loss[..., None], [None], False
+    else:
+        named = True
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     labels = [str(w) for w in result.widths]
     x = np.arange(len(labels))
     for i, L in enumerate(result.depths):
         for r, lr in enumerate(np.asarray(result.lrs)):
-            ax.semilogy(x, loss[i, :, r], "o-", label=f"L = {L}, lr = {lr:g}")
+            for b, B in enumerate(batches):
+                extra = f", B = {B or 'full'}" if named else ""
+                ax.semilogy(x, loss[i, :, r, b], "o-", label=f"L = {L}, lr = {lr:g}{extra}")
     ax.set_xticks(x, labels)
     ax.set_xlabel("width")
     ax.set_ylabel("final loss (mean over seeds)")
