@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._version import __version__
-from ..dynamics.batch import pad_network, vmap_keys
+from ..dynamics.batch import vmap_keys
 from ..dynamics.engines import Collective, Weights
 from ..dynamics.sweep import sweep
 from ..fields.kernels import collective_kernel, layer_kernels
@@ -64,39 +64,39 @@ def limit_distance(X, depth: int, widths, seeds: int) -> np.ndarray:
     limit_kernels(net, X).K[l]`. Fluctuations of K₀ around Θ shrink like `N^{-1/2}` (Lee et
     al. 2019).
 
-    **Returns:** `(len(widths), seeds, depth + 1)`, from one compiled program: every network
-    zero-padded to the largest width (`pad_network`, exact), one kernel computation mapped
-    over them all.
+    **Returns:** `(len(widths), seeds, depth + 1)`, from one compiled program that maps over
+    the seeds (one seed's networks in memory at a time).
     """
     widths = tuple(int(w) for w in widths)
     key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s)))
                          for s in range(seeds)])
-    out = _limit_distance(X, key_data, int(depth), widths)
-    return np.asarray(out).reshape(len(widths), seeds, depth + 1)
+    out = _limit_distance(X, key_data, int(depth), widths)  # (seeds, widths, depth + 1)
+    return np.asarray(out).transpose(1, 0, 2)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _limit_distance(X, key_data, depth, widths):
-    d, top = X.shape[1], (max(widths),) * depth
+    d = X.shape[1]
     # The limit ignores the widths and weights: one for every width.
     lim = limit_kernels(ReLUNet.init(jax.random.key(0), d, (1,) * depth, dtype=X.dtype), X)
     statics = {}
 
     def init(key, w):
-        net = pad_network(ReLUNet.init(key, d, (w,) * depth, dtype=X.dtype), top)
-        arrays, statics[w] = eqx.partition(net, eqx.is_array)
+        arrays, statics[w] = eqx.partition(ReLUNet.init(key, d, (w,) * depth, dtype=X.dtype),
+                                           eqx.is_array)
         return arrays
 
-    # The networks of every width and seed from one draw of random bits (cheap to compile).
-    arrays = vmap_keys([functools.partial(init, w=w) for w in widths], key_data)
-    nets = eqx.combine(jax.tree.map(lambda *a: jnp.concatenate(a), *arrays), statics[top[0]])
+    def one_seed(k):
+        # The networks of every width from one draw of random bits (cheap to compile).
+        arrays = vmap_keys([functools.partial(init, w=w) for w in widths], k[None])
+        out = []
+        for w, a in zip(widths, arrays):
+            K = layer_kernels(eqx.combine(jax.tree.map(lambda x: x[0], a), statics[w]), X).K
+            out.append(jnp.stack([*(_rel(K[l], lim.K[l]) for l in range(depth)),
+                                  _rel(sum(K[1:], K[0]), lim.total)]))
+        return jnp.stack(out)
 
-    def one(net):
-        K = layer_kernels(net, X).K
-        return jnp.stack([*(_rel(K[l], lim.K[l]) for l in range(depth)),
-                          _rel(sum(K[1:], K[0]), lim.total)])
-
-    return jax.lax.map(one, nets)  # (widths × seeds, depth + 1), one network at a time
+    return jax.lax.map(one_seed, key_data)
 
 
 def _rel(a, b):
