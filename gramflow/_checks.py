@@ -28,6 +28,13 @@ def _check_finite(name: str, x: jax.Array) -> jax.Array:
         return eqx.error_if(
             x, ~jnp.all(jnp.isfinite(x)), f"`{name}` contains NaN or inf values."
         )
+    if len(getattr(getattr(x, "sharding", None), "device_set", ())) > 1:
+        # Spread over devices (or processes): checked where it lives, not copied to the host.
+        if bool(jnp.all(jnp.isfinite(x))):
+            return x
+        if not x.is_fully_addressable:
+            raise ValueError(f"`{name}` contains NaN or inf values; clean or drop those "
+                             "samples.")
     bad = ~np.isfinite(np.asarray(x))
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -52,9 +52,9 @@ WORKER = textwrap.dedent(r'''
         local = jax.local_devices()[0]  # the single-device reference, in this process
         ref = np.asarray(gf.kernel_matvec(net, jax.device_put(X, local),
                                           jax.device_put(V, local)))
-        # under jit: the eager entry point validates X on the host, which a global array
-        # spanning other processes' devices does not allow
+        # eagerly (the inputs validated on their devices) and under jit
         for label, fn, args in [
+            ("matvec V eager", gf.kernel_matvec, (Xg, Vg)),
             ("matvec v", jax.jit(gf.kernel_matvec), (Xg, Vg[..., 0])),
             ("matvec V", jax.jit(gf.kernel_matvec), (Xg, Vg)),
             ("matvec V blocked", jax.jit(functools.partial(gf.kernel_matvec, block_size=8)),
@@ -101,7 +101,7 @@ def test_two_processes_equal_one():
     for rank, (out, _) in enumerate(outputs):
         line = [s for s in out.splitlines() if s.startswith("RESULTS ")][-1]
         results = json.loads(line[len("RESULTS "):])
-        assert len(results) == 6
+        assert len(results) == 8
         for name, r in results.items():
             assert r["err"] <= TOL, f"process {rank}, {name}: {r['err']:.1e}"
             assert r["sharded"] and not r["addressable"], f"process {rank}, {name}: {r}"

@@ -1,6 +1,7 @@
-"""The sample axis sharded over 8 simulated CPU devices: fields, kernel products, eigenpairs and
-the tiled kernel equal the single-device results (float64, ≤ 1e-12) and come back sharded
-along samples like the inputs, never gathered onto one device.
+"""The sample axis sharded over 8 simulated CPU devices: fields, kernel products, eigenpairs,
+the tiled kernel and simulate runs (gradient descent and mini-batch SGD, every engine) equal
+the single-device results (float64, ≤ 1e-12) and come back sharded along samples like the
+inputs, never gathered onto one device.
 
 The device count must be set before jax is imported, so every check runs in one python
 subprocess (one compilation budget) that prints its measurements as JSON; this file judges
@@ -106,21 +107,18 @@ SCRIPT = textwrap.dedent(r'''
                gf.collective_kernel(net, X), columns=True)
         record(f"{name}/collective_kernel tiled", gf.collective_kernel(net, Xs, block_size=16),
                gf.collective_kernel(net, X), columns=True)
+
+        # simulate: gradient descent and mini-batch SGD in each engine; the records (T, P, ...)
+        # sharded along their sample axis
+        for engine in (gf.Weights(), gf.Collective(), gf.FrozenKernel()):
+            for sgd in ({}, {"batch_size": 24, "key": jax.random.key(8)}):
+                kw = dict(steps=30, lr=0.02, engine=engine, record_every=10, **sgd)
+                a, b = gf.simulate(net, Xs, ys, **kw), gf.simulate(net, X, y, **kw)
+                what = f"{name}/simulate {type(engine).__name__}{' SGD' if sgd else ''}"
+                record(what + " r", a.r, b.r, columns=True)
+                results[what + " loss"] = {"err": rel(a.loss, b.loss), "sharded": True}
     print("RESULTS " + json.dumps(results))
 ''')
-
-# Known gaps outside the files this test was written with, checked strictly: a check listed
-# here must still fail its sharding assertion (remove it from the list once fixed).
-KNOWN_UNSHARDED = {
-    # `output_field` broadcasts the constant `s_out a` to (P, N_L) on the default device
-    # (gramflow/fields/state.py), so B_L of an eager call lives on device 0.
-    "depth3/state.B[2]", "vector/state.B[1]", "structured/state.B[1]",
-    # the tiled path maps over reshaped sample blocks and returns K replicated
-    # (gramflow/fields/kernels.py).
-    "depth3/collective_kernel tiled", "vector/collective_kernel tiled",
-    "structured/collective_kernel tiled",
-}
-
 
 def _run():
     env = dict(os.environ)
@@ -145,10 +143,7 @@ def test_sharded_equals_single_device():
     assert len(results) > 50
     wrong = [f"{name}: {r['err']:.1e}" for name, r in results.items() if not r["err"] <= TOL]
     assert wrong == [], "sharded differs from one device:\n" + "\n".join(wrong)
-    gathered = [f"{name}: {r['sharding']}" for name, r in results.items()
-                if not r["sharded"] and name not in KNOWN_UNSHARDED]
+    gathered = [f"{name}: {r['sharding']}" for name, r in results.items() if not r["sharded"]]
     assert gathered == [], "not sharded along samples:\n" + "\n".join(gathered)
-    fixed = sorted(name for name in KNOWN_UNSHARDED if results[name]["sharded"])
-    assert fixed == [], f"now sharded, remove from KNOWN_UNSHARDED: {fixed}"
     converged = {name: r["max"] for name, r in results.items() if "residuals" in name}
     assert max(converged.values()) < 1e-3, converged  # the compared pairs are eigenpairs

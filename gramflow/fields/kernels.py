@@ -114,6 +114,33 @@ def collective_kernel(
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
     X2 = X if X2 is None else X2
+    rows = _sample_axis(X)
+    if rows is None:
+        return _tiled_kernel(net, X, X2, block_size, cost)
+    # X sharded along samples: each device fills its own rows of K, tile by tile, against
+    # all of X2 (gathered: (Q, d) inputs, not fields), so K comes back sharded like X.
+    mesh, axis = rows
+    spec = jax.sharding.PartitionSpec
+    return jax.shard_map(
+        lambda x, x2: _tiled_kernel(net, x, x2, block_size, cost), mesh=mesh,
+        in_specs=(spec(axis), spec()), out_specs=spec(axis))(X, X2)
+
+
+def _sample_axis(X):
+    """`(mesh, axis name)` when `X` is a concrete array sharded along its samples over
+    several devices (a `NamedSharding` whose first axis is split), else `None`."""
+    sharding = getattr(X, "sharding", None)
+    if isinstance(X, jax.core.Tracer) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    spec = tuple(sharding.spec) + (None,)
+    if spec[0] is None or len(sharding.device_set) < 2:
+        return None
+    return sharding.mesh, spec[0]
+
+
+def _tiled_kernel(net, X, X2, block_size: int, cost: CostModel):
+    """K (or the cross kernel) in tiles of `block_size` samples: one block row at a time,
+    one tile at a time within it, recomputing the fields of the two blocks per tile."""
     P, Q = X.shape[0], X2.shape[0]
 
     def blocks(A):

@@ -44,10 +44,16 @@ def masks(H) -> tuple[Float[Array, "P N"], ...]:
     return tuple((h > 0).astype(h.dtype) for h in H)
 
 
-def output_field(net: ReLUNet, P: int) -> Float[Array, "P *k N_L"]:
-    """Top conjugate field `B_L = s_out a`, broadcast to `(P, N_L)` or `(P, k, N_L)`."""
+def output_field(net: ReLUNet, P: int | Array) -> Float[Array, "P *k N_L"]:
+    """Top conjugate field `B_L = s_out a`, broadcast to `(P, N_L)` or `(P, k, N_L)`; `P` is
+    the number of samples, or an array whose first axis is the samples (then `B_L` is
+    placed like its rows, e.g. sharded along them)."""
     a = net.scales[-1] * net.readout
-    return jnp.broadcast_to(a if a.ndim == 1 else a.T, (P,) + a.T.shape)
+    a = a if a.ndim == 1 else a.T
+    if isinstance(P, int):
+        return jnp.broadcast_to(a, (P,) + a.shape)
+    ones = jnp.ones_like(P[:, :1], dtype=a.dtype)  # (P, 1), on P's devices
+    return ones.reshape((-1,) + (1,) * a.ndim) * a[None]
 
 
 def pullback(weights, D, top: Float[Array, "P *k N_L"]):
@@ -79,7 +85,7 @@ def fields(net: ReLUNet, X: Float[Array, "P d"]):
     """One forward and one backward pass, no validation. Returns `(H, Z, D, B, Delta, f)`."""
     H, Z, f = forward(net, X)
     D = masks(H)
-    B, Delta = pullback(effective_weights(net), D, output_field(net, X.shape[0]))
+    B, Delta = pullback(effective_weights(net), D, output_field(net, X))
     return H, Z, D, B, Delta, f
 
 
