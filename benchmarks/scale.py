@@ -3,6 +3,7 @@
     python benchmarks/scale.py                  # P = 10⁶, widths 3 × 256, float32, top-10
     python benchmarks/scale.py --quick          # small P, for CI (< 20 s)
     python benchmarks/scale.py --P 200000 --iters 10 --sizes 50000 100000
+    python benchmarks/scale.py --skip-eigs      # only the SGD step costs
 
 `gf.kernel_eigs` runs a randomized block Krylov iteration on `gf.kernel_matvec`, whose
 products with K go over blocks of samples (`Layer.matmat`): memory O(P Σ_l N_l), time
@@ -18,7 +19,8 @@ O(iters · (k + 5) · P Σ_l N_l N_{l-1}). Reported, in this order:
    of the Krylov iteration) vs P, medians after a compilation, and the log-log slope of a
    least-squares fit (1 = linear in P).
 
-Section 4 (SGD step cost vs P and batch size) is a placeholder, see `sgd_step_cost`.
+4. the time of one mini-batch SGD step of each engine vs P and batch size (`sgd_step_cost`),
+   after checking that the collective engine equals the weights engine on the same batches.
 """
 
 from __future__ import annotations
@@ -112,12 +114,65 @@ def product_times(sizes, width, m, repeats, d):
 
 
 # -- 4. SGD step cost vs P and batch size --------------------------------------------------------
-# Placeholder (issue 14): the cost of one SGD step of each engine vs P and batch size is added
-# here; `main` prints its rows after the sections above.
 
-def sgd_step_cost(sizes, batch_sizes, *, quick: bool) -> list:
-    """Time per SGD step of each engine vs P and batch size: not written yet (placeholder)."""
-    return []
+
+def _seconds_per_step(net, X, y, engine, B, steps, repeats):
+    """Seconds per SGD step: the difference of runs of `steps` and `2·steps` steps, each
+    recording only the loss at its start and end, so what is not a step cancels (the kernel's
+    eigendecomposition of the frozen kernel, the schedule, the records)."""
+    def run(n):
+        return gf.simulate(net, X, y, steps=n, lr=1e-3, batch_size=B, key=jax.random.key(2),
+                           engine=engine, record_every=n, observables=("loss",)).loss
+
+    medians = []
+    for n in (steps, 2 * steps):
+        jax.block_until_ready(run(n))  # compile
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(n))
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times))
+    return max(medians[1] - medians[0], 0.0) / steps
+
+
+def sgd_step_cost(sizes, batch_sizes, width, d, steps, repeats, frozen_max=4096) -> list:
+    """Time per mini-batch SGD step of each engine vs P and B, after checking that the
+    collective engine equals the weights engine on the same batches. The weights engine runs
+    forward and backward on the batch rows (O(B)); the collective engine moves every site,
+    those outside the batch as spectators (O(P)); the frozen kernel steps
+    `r ← r − η K₀ (m ⊙ r)` (O(P²), only up to `frozen_max`)."""
+    net, X = problem(min(sizes), width, d=d)
+    y = jnp.sin(X[:, 0])
+    kw = dict(steps=10, lr=1e-2, batch_size=min(batch_sizes), key=jax.random.key(3))
+    a = gf.simulate(net, X, y, **kw).r
+    b = gf.simulate(net, X, y, engine=gf.Collective(), **kw).r
+    err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+    print(f"SGD agreement at P = {min(sizes)}: collective vs weights engine on the same "
+          f"batches, relative {err:.1e} (float32)", flush=True)
+    assert err < 1e-4, err
+    engines = {"weights": gf.Weights(), "collective": gf.Collective(),
+               "frozen_kernel": gf.FrozenKernel()}
+    print(f"SGD step cost, ms per step (median of {repeats}; {steps} vs {2 * steps} steps):",
+          flush=True)
+    print(f"{'P':>10} {'B':>6} " + "".join(f"{name:>15}" for name in engines), flush=True)
+    rows = []
+    for P in sizes:
+        net, X = problem(P, width, d=d)
+        y = jnp.sin(X[:, 0])
+        for B in batch_sizes:
+            if B > P:
+                continue
+            row = {"P": P, "B": B}
+            for name, engine in engines.items():
+                skip = name == "frozen_kernel" and P > frozen_max
+                row[name] = None if skip else 1e3 * _seconds_per_step(
+                    net, X, y, engine, B, steps, repeats)
+            rows.append(row)
+            print(f"{P:>10} {B:>6} " + "".join(
+                f"{'—' if row[n] is None else format(row[n], '.3f'):>15}" for n in engines),
+                flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -131,20 +186,27 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+",
                         default=[50_000, 100_000, 200_000, 500_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sgd-sizes", type=int, nargs="+", default=[2048, 16384, 65536],
+                        help="P of the SGD step costs")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 512])
+    parser.add_argument("--sgd-steps", type=int, default=10)
+    parser.add_argument("--skip-eigs", action="store_true", help="only the SGD step costs")
     args = parser.parse_args(argv)
     small = 2048
     if args.quick:
         args.P, args.width, args.d, args.repeats = 4096, 32, 16, 3
         args.sizes, small = [1024, 2048, 4096], 512
+        args.sgd_sizes, args.batch_sizes, args.sgd_steps = [512], [16], 4
     print(f"kernel eigenpairs at large P, 3 hidden layers of {args.width}, float32, "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{os.cpu_count()} cores; jax {jax.__version__}", flush=True)
-    agreement(small, args.width, args.k, args.iters, args.d)
-    eigenpairs(args.P, args.width, args.k, args.iters, args.d)
-    print(f"time vs P (median of {args.repeats}):", flush=True)
-    product_times(args.sizes, args.width, args.k + 5, args.repeats, args.d)
-    for row in sgd_step_cost(args.sizes, (), quick=args.quick):
-        print("  ", row)
+    if not args.skip_eigs:
+        agreement(small, args.width, args.k, args.iters, args.d)
+        eigenpairs(args.P, args.width, args.k, args.iters, args.d)
+        print(f"time vs P (median of {args.repeats}):", flush=True)
+        product_times(args.sizes, args.width, args.k + 5, args.repeats, args.d)
+    sgd_step_cost(args.sgd_sizes, args.batch_sizes, args.width, args.d, args.sgd_steps,
+                  args.repeats)
     print(f"peak memory (maxrss) at the end: {peak_rss_gb():.2f} GB", flush=True)
     return 0
 
