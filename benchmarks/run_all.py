@@ -9,7 +9,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("kernel", "simulate", "sweep", "closure", "structure")
+BENCHMARKS = ("kernel", "simulate", "sweep", "closure", "structure", "limits")
 
 
 def _load(name):
@@ -24,6 +24,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes")
     args = parser.parse_args(argv)
+    # NumPy's LAPACK (OpenBLAS) computes only reference values here (dense spectra, checks);
+    # its threads spin beside XLA's on a busy machine, where a 512 × 512 `eigvalsh` took
+    # seconds instead of milliseconds. One thread; set before NumPy is imported.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if args.quick and "fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+        # At tiny sizes every benchmark is compile time: XLA's older CPU emitters compile
+        # about a third faster (as the sweep does for brief programs, `_QUICK_OPTIONS`).
+        # The timings of --quick mean nothing; its agreement checks, same tolerances, run.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_use_fusion_emitters=false").strip()
     for name in BENCHMARKS:
         print(f"\n=== benchmarks/{name}.py{' --quick' if args.quick else ''} ===", flush=True)
         t0 = time.perf_counter()
