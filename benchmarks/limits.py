@@ -10,6 +10,12 @@
    predictions from its own K₀ and from Θ, for ntk and mean field at several γ₀; log-log
    slopes against width beside the known rates (fluctuations ~ N^{-1/2}; Lee et al. 2019,
    Dyer & Gur-Ari 2020). Float64, teacher–student data (P = 128 train, 128 test).
+
+The step is `η = natural_lr(net, η₀)` with `η₀ = 0.5 / λ_max(Θ)` (Θ the limit of the total
+kernel, the same for every width): `η λ_max(K₀) ≈ 0.5` at every width and parametrization,
+inside the lazy stability limit 2, where the lazy predictions stay finite. (With `η₀ = 0.5`
+and P = 128, `η λ_max` is about 4.3, above 2: the lazy predictions diverge and the networks
+leave the lazy regime at every width.)
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--widths", type=int, nargs="+",
+                        default=[32, 64, 128, 256, 512, 1024, 2048, 4096])
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     P = 16 if args.quick else 128
@@ -56,13 +64,16 @@ def main(argv=None):
         widths, seeds, steps = (8, 32), (0,), 5
         settings = (("ntk", 1.0), ("mean_field", 0.1))
     else:
-        widths, seeds, steps = (32, 64, 128, 256, 512, 1024, 2048, 4096), (0, 1, 2), 200
+        widths, seeds, steps = tuple(args.widths), (0, 1, 2), 200
         settings = (("ntk", 1.0), ("mean_field", 1.0), ("mean_field", 0.1))
+    theta = gf.limit_kernels(gf.ReLUNet.init(jax.random.key(0), X.shape[1], (1, 1)), X).total
+    eta0 = 0.5 / float(jnp.linalg.eigvalsh(theta)[-1])
     t0 = time.perf_counter()
     study = gf.limit_study(X, y, Xt, yt, widths=widths, seeds=seeds, settings=settings,
-                           steps=steps, progress=not args.quick)
+                           steps=steps, eta0=eta0, progress=not args.quick)
     print(f"\nlimit study: P = {P} train / {P} test, L = 2, {steps} GD steps at "
-          f"η = natural_lr(net, 0.5), seeds {seeds} ({time.perf_counter() - t0:.0f} s)")
+          f"η = natural_lr(net, η₀), η₀ = 0.5 / λ_max(Θ) = {eta0:.3g}, seeds {seeds} "
+          f"({time.perf_counter() - t0:.0f} s)")
     print(study.table())
     return 0
 
