@@ -4,6 +4,7 @@ batch schedule, gradient noise, and spectators under SGD."""
 import functools
 import itertools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +142,8 @@ def test_batch_schedule(getkey):
     for epoch in range(3):
         block = t[3 * epoch: 3 * epoch + 3].ravel()
         assert len(set(block)) == 9
+    epochs = [tuple(np.asarray(s[3 * e: 3 * e + 3]).ravel()) for e in range(3)]
+    assert len(set(epochs)) == 3  # a fresh permutation each epoch
     # a prefix of a longer schedule is the shorter schedule
     np.testing.assert_array_equal(gf.batch_schedule(key, 10, 3, 4), t[:4])
     net, X, y = problem(getkey(), 1, P=12)
@@ -218,3 +221,90 @@ def test_sgd_errors(getkey):
         gf.batch_schedule(0, 6, 2, 3)
     with pytest.raises(ValueError, match="mini-batch"):
         gf.simulate(net, X, y, steps=3, lr=0.1, observables=("gradient_noise",))
+    with pytest.raises(ValueError, match="outside"):
+        gf.simulate(net, X, y, lr=0.1, batches=np.array([[0, -1]]))
+    with pytest.raises(ValueError, match="non-empty"):
+        gf.simulate(net, X, y, lr=0.1, batches=np.zeros((0, 2), int))
+    with pytest.raises(ValueError, match="same length"):
+        gf.simulate(net, X, y, lr=0.1, batches=[[0, 1], [2]])
+    with pytest.raises(ValueError, match="one PRNG key"):
+        gf.simulate(net, X, y, steps=3, lr=0.1, batch_size=2, key=jax.random.split(key))
+    with pytest.raises(ValueError, match="at most P"):
+        gf.simulate(net, X, y, steps=1, lr=0.1, observables=(gf.GradientNoise(batch_size=7),))
+    first = gf.simulate(net, X, y, steps=2, lr=0.1, batch_size=2, key=key)
+    with pytest.raises(ValueError, match="rest of its schedule"):
+        gf.simulate(net, X, y, steps=2, lr=0.1, batch_size=2, key=key, state=first.state)
+    # under jit an index out of range is caught at run time, not clamped or dropped
+    bad = gf.batch_schedule(key, 6, 2, 3).at[1, 0].set(9)
+    run = jax.jit(lambda b: gf.simulate(net, X, y, lr=0.1, batches=b).r)
+    with pytest.raises(Exception, match="outside"):
+        jax.block_until_ready(run(bad))
+
+
+def test_closure_under_sgd_is_an_euler_step_of_the_batch_flow(getkey):
+    """A closure keeping every term, one SGD step: `H_l' − H_l = η dH_l/dt` of the flow of the
+    batch loss, `dH_l/dt` by `jax.jvp` of the plain network along `−∇L_b` (so the batch
+    reaches the closure's step)."""
+    net, X, y = problem(getkey(), 3, P=8)
+    batch = np.array([1, 4, 6])
+    lr = 0.05
+
+    def batch_loss(ws):
+        f = plain_f(ws, net.readout, net.scales, X[batch])[0]
+        return 0.5 * jnp.sum((f - y[batch]) ** 2)
+
+    ws = list(net.weights)
+    direction = [-g for g in jax.grad(batch_loss)(ws)]
+    _, dH = jax.jvp(lambda w: plain_f(w, net.readout, net.scales, X)[1], (ws,), (direction,))
+    closure = gf.Collective(closure=gf.TruncatedTransport(2))
+    traj = gf.simulate(net, X, y, lr=lr, batches=batch[None], engine=closure,
+                       observables=("loss",))
+    H0 = plain_f(ws, net.readout, net.scales, X)[1]
+    for l in range(3):
+        assert rel_err(traj.state.H[l] - H0[l], lr * dH[l]) <= 1e-10, l
+
+
+def test_grad_and_vmap_through_sgd(getkey):
+    """`jax.grad` of the final loss of an SGD run with respect to lr against a central
+    difference; `jax.vmap` over keys equals a loop."""
+    net, X, y = problem(getkey(), 2, P=8)
+    s = gf.batch_schedule(getkey(), 8, 3, 20)
+    for engine in (gf.Weights(), gf.Collective()):
+        def final(lr, engine=engine):
+            return gf.simulate(net, X, y, lr=lr, batches=s, engine=engine,
+                               observables=("loss",)).loss[-1]
+
+        h = 1e-6
+        fd = (final(0.05 + h) - final(0.05 - h)) / (2 * h)
+        np.testing.assert_allclose(jax.grad(final)(0.05), fd, rtol=1e-6)
+    keys = jax.random.split(getkey(), 3)
+    run = lambda k: gf.simulate(net, X, y, steps=10, lr=0.05, batch_size=3, key=k,  # noqa: E731
+                                observables=("loss",)).loss
+    np.testing.assert_array_equal(jax.vmap(run)(keys), np.stack([run(k) for k in keys]))
+
+
+def test_gradient_noise_structured_collective(getkey):
+    """`gradient_noise` of a structured net (mask, trained gains and skips, vector output)
+    under the collective engine, by enumeration of every batch with `jax.grad` of the
+    weights engine's batch loss."""
+    P, B = 5, 2
+    kn, kx, ky = getkey(), getkey(), getkey()
+    masks = [None, Mask.block_diagonal((6, 6), 2)]
+    net = gf.ReLUNet.init(kn, 3, (6, 6), out_dim=2, masks=masks, gains=1.1, skips=0.5,
+                          train=("weights", "gains", "skips"))
+    X = jax.random.normal(kx, (P, 3))
+    y = jax.random.normal(ky, (P, 2))
+    diff, rest = eqx.partition(net, gf.trainable(net))
+
+    def loss(d, idx):
+        f = eqx.combine(d, rest)(X[np.asarray(idx)])
+        return 0.5 * jnp.sum((f - y[np.asarray(idx)]) ** 2)
+
+    gs = np.stack([np.concatenate([np.ravel(x) for x in jax.tree.leaves(
+        jax.grad(loss)(diff, list(b)))]) for b in itertools.combinations(range(P), B)])
+    mean = gs.mean(0)
+    cov = np.mean(np.sum((gs - mean) ** 2, axis=1))
+    traj = gf.simulate(net, X, y, steps=1, lr=1e-3, batch_size=B, key=getkey(),
+                       engine=gf.Collective())
+    np.testing.assert_allclose(traj.observables["gradient_noise"][0], [cov, mean @ mean],
+                               rtol=1e-11)

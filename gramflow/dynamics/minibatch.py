@@ -6,7 +6,6 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Int, PRNGKeyArray
 
 from ..model.network import _positive_int
@@ -40,8 +39,8 @@ def batch_schedule(key: PRNGKeyArray, num_samples: int, batch_size: int,
     """The batches of `steps` SGD steps, `(steps, batch_size)` sample indices: each epoch is a
     fresh permutation of the `num_samples` samples (epoch e drawn from
     `jax.random.fold_in(key, e)`), cut into `num_samples // batch_size` batches — no sample
-    twice within an epoch; the last `num_samples mod batch_size` of each permutation wait for
-    the next epoch. `simulate(..., batch_size=B, key=key)` uses exactly
+    twice within an epoch; the last `num_samples mod batch_size` of each permutation are left
+    out of that epoch (the next permutation is independent). `simulate(..., batch_size=B, key=key)` uses exactly
     `batch_schedule(key, P, B, steps)`, so a long run can be cut into pieces with
     `batches=schedule[a:b]` and `state=` and stay bit for bit the same."""
     P = _positive_int("num_samples", num_samples)
@@ -52,6 +51,9 @@ def batch_schedule(key: PRNGKeyArray, num_samples: int, batch_size: int,
     if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
         raise TypeError("`key` must be a typed PRNG key, `jax.random.key(seed)` (or "
                         f"`jax.random.wrap_key_data`), got {type(key).__name__}.")
+    if key.shape != ():
+        raise ValueError(f"`key` must be one PRNG key (shape ()), got shape {key.shape}; "
+                         "for several runs, `jax.vmap` over the keys.")
     return _schedule(key, P, B, steps)
 
 
@@ -66,17 +68,25 @@ def _schedule(key, P: int, B: int, steps: int):
 
 
 def check_batches(batches, P: int, steps: int | None) -> Array:
-    """A user's `(steps, B)` index array, validated (ints in `[0, P)`)."""
-    arr = jnp.asarray(batches)
-    if arr.ndim != 2 or arr.shape[1] == 0 or not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise ValueError("`batches` must be an int array (steps, B) of sample indices, got "
-                         f"shape {arr.shape} and dtype {arr.dtype}.")
+    """A user's `(steps, B)` index array, validated (ints in `[0, P)`; under `jit`, at run
+    time)."""
+    try:
+        arr = jnp.asarray(batches)
+    except (TypeError, ValueError) as err:
+        raise ValueError("`batches` must be an int array (steps, B) of sample indices, one "
+                         f"row per step, all rows of the same length: {err}") from err
+    if arr.ndim != 2 or 0 in arr.shape or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError("`batches` must be a non-empty int array (steps, B) of sample "
+                         f"indices, got shape {arr.shape} and dtype {arr.dtype}.")
     if steps is not None and arr.shape[0] != steps:
         raise ValueError(f"`batches` has {arr.shape[0]} rows but `steps` = {steps}: one batch "
                          "per step (or leave `steps` out).")
-    if not isinstance(arr, jax.core.Tracer):
-        lo, hi = int(np.min(arr)), int(np.max(arr))
-        if lo < 0 or hi >= P:
-            raise ValueError(f"`batches` holds sample indices in [{lo}, {hi}], outside "
-                             f"[0, {P}) for P = {P} samples.")
+    outside = (arr < 0) | (arr >= P)
+    if isinstance(arr, jax.core.Tracer):
+        return eqx.error_if(arr, jnp.any(outside),
+                            f"`batches` holds sample indices outside [0, {P}).").astype(jnp.int32)
+    if bool(jnp.any(outside)):
+        lo, hi = int(jnp.min(arr)), int(jnp.max(arr))
+        raise ValueError(f"`batches` holds sample indices in [{lo}, {hi}], outside "
+                         f"[0, {P}) for P = {P} samples.")
     return arr.astype(jnp.int32)

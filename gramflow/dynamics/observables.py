@@ -344,7 +344,9 @@ class GradientNoise(AbstractObservable):
         tr Cov g_b = B (P − B) / (P − 1) · tr Σ,        E g_b = (B / P) ∇L.
 
     O(P N) for the kernel's diagonal plus one matrix-free product `K r` (I6). Full batch
-    (B = P) has no noise.
+    (B = P) has no noise. This is the noise of one step's batch drawn uniformly without
+    replacement (as `batch_schedule` draws each batch, marginally); batches of your own
+    (`batches=`, duplicates) may have other statistics.
     """
 
     name: ClassVar[str] = "gradient_noise"
@@ -358,13 +360,16 @@ class GradientNoise(AbstractObservable):
 
     def __call__(self, view, ref):
         r, P, B = view.r, view.r.shape[0], self.batch_size
+        if B > P:
+            raise ValueError(f"`GradientNoise(batch_size={B})` describes batches of {B} of the "
+                             f"P = {P} training sites; batch_size must be at most P.")
         diag = sum(jax.vmap(lambda z, d, layer=layer: layer.kernel(z[None], d[None])[0, 0])(z, d)
                    for layer, z, d in zip(view.layers, view.Z, view.Delta))  # (P,) / (P, k, k)
         per_sample = diag * r**2 if r.ndim == 1 else jnp.einsum("pi,pij,pj->p", r, diag, r)
         Kr = sum(layer.matmat(z, d, r[..., None])[..., 0]
                  for layer, z, d in zip(view.layers, view.Z, view.Delta))
         full = jnp.sum(r * Kr)  # ‖∇L‖²
-        var = jnp.mean(per_sample) - full / P**2
+        var = jnp.maximum(jnp.mean(per_sample) - full / P**2, 0.0)  # ≥ 0 up to rounding
         factor = B * (P - B) / (P - 1) if P > 1 else 0.0
         return jnp.stack([factor * var, (B / P) ** 2 * full])
 

@@ -276,8 +276,9 @@ def simulate(
       on the full training set (`loss` is the full-batch loss; the loss of each step's batch
       decides `first_nonfinite`), and `gradient_noise` joins the defaults.
     - `batches`: instead of `batch_size` and `key`, the batches themselves, an int array
-      `(steps, B)` of sample indices (an index listed twice in a row counts twice); `steps`
-      may then be left out.
+      `(steps, B)` of sample indices (an index listed twice within a batch counts twice);
+      `steps` may then be left out. To continue a mini-batch run with `state=`, pass the
+      rest of its schedule here.
 
     **Returns:** a `Trajectory`. If the loss stops being finite, `first_nonfinite` says when
     and, when called eagerly, a `RuntimeWarning` suggests a smaller `lr`.
@@ -297,6 +298,12 @@ def simulate(
     lr = _resolve_lr(engine, reference_engine, lr, net.dtype)
     if state is not None and reference_engine is not None:
         raise ValueError("`state` resumes a single run; it cannot be combined with `reference`.")
+    if state is not None and key is not None:
+        raise ValueError(
+            "`state` with `batch_size` and `key` would draw the first batches of the schedule "
+            "again. To continue a mini-batch run, pass the rest of its schedule: "
+            "`s = gf.batch_schedule(key, P, B, total_steps)`, then `batches=s[:n]` for the "
+            "first run and `batches=s[n:], state=first.state` for the next.")
     recs, final, end, bad, marks = _simulate(
         net, X, y, lr, steps, record_every, engine, reference_engine, obs, state, test, batches
     )
