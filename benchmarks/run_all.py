@@ -9,7 +9,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("kernel", "simulate", "sweep", "closure", "structure", "limits")
+BENCHMARKS = ("kernel", "simulate", "sweep", "closure", "structure", "limits", "scale")
 
 
 def _load(name):

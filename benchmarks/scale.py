@@ -198,8 +198,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     small = 2048
     if args.quick:
-        args.P, args.width, args.d, args.repeats = 4096, 32, 16, 3
-        args.sizes, small = [1024, 2048, 4096], 512
+        args.P, args.width, args.d, args.repeats = 2048, 32, 16, 2
+        args.sizes, small = [1024, 2048], 512
         args.sgd_sizes, args.batch_sizes, args.sgd_steps = [512], [16], 4
     print(f"kernel eigenpairs at large P, 3 hidden layers of {args.width}, float32, "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s), "

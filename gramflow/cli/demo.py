@@ -21,6 +21,7 @@ from ..fields.limits import limit_kernels
 from ..model.network import ReLUNet
 from ..studies.closure import CLOSURES, closure_study
 from ..studies.data import EXAMPLES_HINT, load_digits, teacher_student  # noqa: F401 (main)
+from ..studies.plots import _plt, _save
 
 #: per size: samples of each dataset, the training grid, and the widths and seeds at which
 #: the kernel at initialization is compared with its infinite-width limit (`limit_widths`,
@@ -173,8 +174,6 @@ def format_table(rows) -> str:
 def limit_figure(out, results) -> str:
     """`limit_distance_vs_width.png`: per dataset, `‖K_l(0) − Θ_l‖ / ‖Θ_l‖` per layer and of
     the total kernel against width (mean over seeds, log-log), with the `N^{-1/2}` rate."""
-    from ..studies.plots import _plt, _save
-
     plt = _plt()
     from matplotlib.ticker import NullLocator
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), sharey=True)
@@ -200,8 +199,7 @@ def limit_figure(out, results) -> str:
 
 
 def save_results(out, results, rows, cfg) -> str:
-    """`results.npz` and `results.json` in `out`, and (with matplotlib) the figure of the
-    distance from the infinite-width limit, `limit_figure`."""
+    """`results.npz` and `results.json` in `out`."""
     arrays = {}
     for res in results:
         p = res["name"]
@@ -238,12 +236,6 @@ def save_results(out, results, rows, cfg) -> str:
           "(known rate −0.5): " + ", ".join(
               f"{k} {v['slope_total']:+.2f} (L = {v['depth']}, widths {v['widths'][0]}…"
               f"{v['widths'][-1]})" for k, v in limits.items()))
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        print(f"figure: {os.path.basename(limit_figure(out, results))}")
     path = os.path.join(out, "results.json")
     with open(path, "w") as f:
         json.dump(meta, f, indent=1)

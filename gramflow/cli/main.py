@@ -92,6 +92,7 @@ def _demo(args) -> int:
     if _figures_available():
         for r in results:
             figures += demo_figures(out, r)
+        figures.append(demo.limit_figure(out, results))
     else:
         print(f"\n(no figures: matplotlib is not installed; {demo.EXAMPLES_HINT})")
     results_path = demo.save_results(out, results, rows, cfg)
