@@ -64,7 +64,7 @@ def test_sgd_structured_collective_equals_weights(getkey):
                           train=("weights", "gains"))
     X = jax.random.normal(kx, (9, 4))
     y = jax.random.normal(ky, (9,))
-    kw = dict(lr=0.04, steps=100, batch_size=4, key=kb, record_every=10)
+    kw = dict(lr=0.04, steps=100, batch_size=4, key=kb, observables=("r",))
     w = gf.simulate(net, X, y, **kw)
     c = gf.simulate(net, X, y, engine=gf.Collective(), **kw)
     assert rel_err(c.r, w.r) <= 1e-10
