@@ -107,7 +107,7 @@ def test_another_prng_builds_eagerly(data, monkeypatch):
 
 
 def test_compiling_on_other_threads_changes_nothing(data, monkeypatch, tmp_path):
-    """With a second core the programs compile on other threads, ahead of their calls."""
+    """With idle cores the programs compile on other threads, ahead of their calls."""
     from concurrent.futures import ThreadPoolExecutor
 
     X, y = data

@@ -229,14 +229,17 @@ class _Now:
 
 def _compiler_pool(n_programs: int):
     """Threads that compile a sweep's programs beside the thread that traces and runs them
-    (XLA compiles without holding Python's lock): one per core this process may use beyond
-    the calling thread's, none on a single core. (It depends only on the machine, not on what
-    else runs on it, so a sweep behaves the same from one call to the next.)"""
+    (XLA compiles without holding Python's lock): one per idle core, judged by the load
+    average (compiling beside other work only slows both), none without one."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    workers = min(n_programs, cores - 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average here
+        busy = 0.0
+    workers = min(n_programs, int(cores - 1 - busy + 0.5))
     return ThreadPoolExecutor(workers, thread_name_prefix="sweep-compile") if workers > 0 \
         else _Now()
 
@@ -605,7 +608,7 @@ def sweep(
     bucket come from one compiled program (`vmap_keys`), equal to `ReLUNet.init` per seed.
     On CPU a first call spends more time compiling than running: brief programs (the
     network builder, buckets of less than about half a second of work) are compiled with
-    XLA's quicker options (`_QUICK_OPTIONS`, same results), and with a second core, on it,
+    XLA's quicker options (`_QUICK_OPTIONS`, same results), and with an idle core, on it,
     beside the tracing and running (`_compiler_pool`). The configurations of a depth are
     split into chunks that fit `max_bytes` (default: half the accelerator's memory, or a
     quarter of the host's RAM on CPU; buckets in one chunk each, that fit together, share
