@@ -32,7 +32,7 @@ def _plain_sgd(weights, readout, scales, X, y, batches, lr):
     return jax.lax.scan(step, list(weights), batches)
 
 
-@pytest.mark.parametrize("depth,out_dim", [(1, None), (2, 2), (3, 2)])
+@pytest.mark.parametrize("depth,out_dim", [(1, None), (2, 2), (3, None), (3, 2)])
 def test_sgd_engines_equal_weight_space_sgd(getkey, depth, out_dim):
     """Collective SGD (E_l → m ⊙ E_l in I8) = weights-engine SGD = plain autodiff SGD with
     the same batches, ≤ 1e-10 at every one of 100 steps (the residual on all sites)."""

@@ -77,19 +77,18 @@ SCRIPT = textwrap.dedent(r'''
         # P = 12 blocks of 8 samples: the sample-blocked products (every 12th sample a block)
         record(f"{name}/matvec V blocked", gf.kernel_matvec(net, Xs, Vs, block_size=8),
                gf.kernel_matvec(net, X, V))
-        if name == "structured":  # the other ways of blocking, on the net with every part
-            # 10 blocks of 10 samples, 4 of them padding
-            record(f"{name}/matvec V padded blocks",
-                   gf.kernel_matvec(net, Xs, Vs, block_size=10), gf.kernel_matvec(net, X, V))
-            # the automatic choice of blocks (a divisor of P), forced at this size; a new
-            # shape of V (2 columns) so that the compiled product is traced again
-            gf.model.layer.MATMAT_BLOCK_ELEMENTS = 64
-            record(f"{name}/matvec V auto-blocked", gf.kernel_matvec(net, Xs, Vs[..., :2]),
-                   gf.kernel_matvec(net, X, V)[..., :2])
-            gf.model.layer.MATMAT_BLOCK_ELEMENTS = 2**23
-            jitted = jax.jit(functools.partial(gf.kernel_matvec, block_size=8))
-            record(f"{name}/matvec V blocked under jit", jitted(net, Xs, Vs),
-                   gf.kernel_matvec(net, X, V))
+        # 10 blocks of 10 samples, 4 of them padding
+        record(f"{name}/matvec V padded blocks", gf.kernel_matvec(net, Xs, Vs, block_size=10),
+               gf.kernel_matvec(net, X, V))
+        # the automatic choice of blocks (a divisor of P), forced at this size; a new shape
+        # of V (2 columns) so that the compiled product is traced again
+        gf.model.layer.MATMAT_BLOCK_ELEMENTS = 64
+        record(f"{name}/matvec V auto-blocked", gf.kernel_matvec(net, Xs, Vs[..., :2]),
+               gf.kernel_matvec(net, X, V)[..., :2])
+        gf.model.layer.MATMAT_BLOCK_ELEMENTS = 2**23
+        jitted = jax.jit(functools.partial(gf.kernel_matvec, block_size=8))
+        record(f"{name}/matvec V blocked under jit", jitted(net, Xs, Vs),
+               gf.kernel_matvec(net, X, V))
 
         a, b = gf.kernel_eigs(net, Xs, k=3, iters=4), gf.kernel_eigs(net, X, k=3, iters=4)
         assert int(a.iterations) == 4  # the Krylov path, not the dense fallback
@@ -109,19 +108,15 @@ SCRIPT = textwrap.dedent(r'''
         record(f"{name}/collective_kernel tiled", gf.collective_kernel(net, Xs, block_size=16),
                gf.collective_kernel(net, X), columns=True)
 
-        # simulate: gradient descent and mini-batch SGD in each engine (on the structured
-        # net; the collective SGD on every net); the records (T, P, ...) sharded along their
-        # sample axis
-        runs = [(e, sgd) for e in (gf.Weights(), gf.Collective(), gf.FrozenKernel())
-                for sgd in ({}, {"batch_size": 24, "key": jax.random.key(8)})]
-        if name != "structured":
-            runs = runs[3:4]
-        for engine, sgd in runs:
-            kw = dict(steps=30, lr=0.02, engine=engine, record_every=10, **sgd)
-            a, b = gf.simulate(net, Xs, ys, **kw), gf.simulate(net, X, y, **kw)
-            what = f"{name}/simulate {type(engine).__name__}{' SGD' if sgd else ''}"
-            record(what + " r", a.r, b.r, columns=True)
-            results[what + " loss"] = {"err": rel(a.loss, b.loss), "sharded": True}
+        # simulate: gradient descent and mini-batch SGD in each engine; the records (T, P, ...)
+        # sharded along their sample axis
+        for engine in (gf.Weights(), gf.Collective(), gf.FrozenKernel()):
+            for sgd in ({}, {"batch_size": 24, "key": jax.random.key(8)}):
+                kw = dict(steps=30, lr=0.02, engine=engine, record_every=10, **sgd)
+                a, b = gf.simulate(net, Xs, ys, **kw), gf.simulate(net, X, y, **kw)
+                what = f"{name}/simulate {type(engine).__name__}{' SGD' if sgd else ''}"
+                record(what + " r", a.r, b.r, columns=True)
+                results[what + " loss"] = {"err": rel(a.loss, b.loss), "sharded": True}
     print("RESULTS " + json.dumps(results))
 ''')
 
