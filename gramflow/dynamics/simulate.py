@@ -154,17 +154,23 @@ def _build(net, X, y, engine, reference_engine, lr, continuous, test=None):
     return Paired(run, reference_engine.build(net, X, y, lr, continuous=continuous))
 
 
-def check_test(net, test):
-    """`test=(X_test, y_test)` validated against `net` like `X`, `y` (or `None`)."""
+def check_test_pair(test, check):
+    """`test=(X_test, y_test)` (or `None`) validated by `check(X_test, y_test)`, its errors
+    prefixed with where they come from."""
     if test is None:
         return None
     if not isinstance(test, (tuple, list)) or len(test) != 2:
         raise TypeError("`test` must be a pair (X_test, y_test) of arrays of shapes (Q, d) and "
                         f"(Q,) or (Q, k), got {type(test).__name__}.")
     try:
-        return tuple(check_inputs(net, *test))
+        return check(*test)
     except (ValueError, TypeError) as err:
         raise type(err)(f"in `test=(X_test, y_test)`: {err}") from err
+
+
+def check_test(net, test):
+    """`test=(X_test, y_test)` validated against `net` like `X`, `y` (or `None`)."""
+    return check_test_pair(test, lambda Xt, yt: tuple(check_inputs(net, Xt, yt)))
 
 
 @eqx.filter_jit

@@ -37,7 +37,7 @@ from .batch import (
 from .engines import AbstractEngine, Weights
 from .minibatch import BATCH_KEY, batch_key, batch_schedule
 from .observables import dims_of, resolve
-from .simulate import _check_engine
+from .simulate import _check_engine, check_test_pair
 
 _COST: dict = {}  # per-configuration memory of each program the driver has measured
 
@@ -76,21 +76,17 @@ def _check_batch_sizes(batch_sizes, P: int) -> tuple:
 
 def _check_test(test, X, out_dim):
     """`sweep(test=(X_test, y_test))` validated like `X`, `y` (columns and dtype of `X`)."""
-    if test is None:
-        return None
-    if not isinstance(test, (tuple, list)) or len(test) != 2:
-        raise TypeError("`test` must be a pair (X_test, y_test) of arrays of shapes (Q, d) and "
-                        f"(Q,) or (Q, k), got {type(test).__name__}.")
-    try:
-        Xt, yt = check_data(*test, out_dim=out_dim)
+
+    def check(Xt, yt):
+        Xt, yt = check_data(Xt, yt, out_dim=out_dim)
         if Xt.shape[1] != X.shape[1]:
             raise ValueError(f"`X` has {Xt.shape[1]} columns, the training `X` has "
                              f"{X.shape[1]}.")
         if Xt.dtype != X.dtype:
             raise TypeError(f"`X` has dtype {Xt.dtype}, the training `X` has {X.dtype}.")
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"in `test=(X_test, y_test)`: {err}") from err
-    return jax.device_put((np.asarray(Xt), np.asarray(yt)))
+        return jax.device_put((np.asarray(Xt), np.asarray(yt)))
+
+    return check_test_pair(test, check)
 
 
 class SweepResult(eqx.Module):
