@@ -1,7 +1,8 @@
 """The sample axis sharded over 8 simulated CPU devices: fields, kernel products, eigenpairs,
 the tiled kernel and simulate runs (gradient descent and mini-batch SGD, every engine) equal
 the single-device results (float64, ≤ 1e-12) and come back sharded along samples like the
-inputs, never gathered onto one device.
+inputs, never gathered onto one device. A sweep whose configurations are split over the 8
+devices equals simulate on one device.
 
 The device count must be set before jax is imported, so every check runs in one python
 subprocess (one compilation budget) that prints its measurements as JSON; this file judges
@@ -77,18 +78,19 @@ SCRIPT = textwrap.dedent(r'''
         # P = 12 blocks of 8 samples: the sample-blocked products (every 12th sample a block)
         record(f"{name}/matvec V blocked", gf.kernel_matvec(net, Xs, Vs, block_size=8),
                gf.kernel_matvec(net, X, V))
-        # 10 blocks of 10 samples, 4 of them padding
-        record(f"{name}/matvec V padded blocks", gf.kernel_matvec(net, Xs, Vs, block_size=10),
-               gf.kernel_matvec(net, X, V))
-        # the automatic choice of blocks (a divisor of P), forced at this size; a new shape
-        # of V (2 columns) so that the compiled product is traced again
-        gf.model.layer.MATMAT_BLOCK_ELEMENTS = 64
-        record(f"{name}/matvec V auto-blocked", gf.kernel_matvec(net, Xs, Vs[..., :2]),
-               gf.kernel_matvec(net, X, V)[..., :2])
-        gf.model.layer.MATMAT_BLOCK_ELEMENTS = 2**23
-        jitted = jax.jit(functools.partial(gf.kernel_matvec, block_size=8))
-        record(f"{name}/matvec V blocked under jit", jitted(net, Xs, Vs),
-               gf.kernel_matvec(net, X, V))
+        if name == "structured":  # the other ways of blocking, on the net with every part
+            # 10 blocks of 10 samples, 4 of them padding
+            record(f"{name}/matvec V padded blocks",
+                   gf.kernel_matvec(net, Xs, Vs, block_size=10), gf.kernel_matvec(net, X, V))
+            # the automatic choice of blocks (a divisor of P), forced at this size; a new
+            # shape of V (2 columns) so that the compiled product is traced again
+            gf.model.layer.MATMAT_BLOCK_ELEMENTS = 64
+            record(f"{name}/matvec V auto-blocked", gf.kernel_matvec(net, Xs, Vs[..., :2]),
+                   gf.kernel_matvec(net, X, V)[..., :2])
+            gf.model.layer.MATMAT_BLOCK_ELEMENTS = 2**23
+            jitted = jax.jit(functools.partial(gf.kernel_matvec, block_size=8))
+            record(f"{name}/matvec V blocked under jit", jitted(net, Xs, Vs),
+                   gf.kernel_matvec(net, X, V))
 
         a, b = gf.kernel_eigs(net, Xs, k=3, iters=4), gf.kernel_eigs(net, X, k=3, iters=4)
         assert int(a.iterations) == 4  # the Krylov path, not the dense fallback
@@ -108,15 +110,36 @@ SCRIPT = textwrap.dedent(r'''
         record(f"{name}/collective_kernel tiled", gf.collective_kernel(net, Xs, block_size=16),
                gf.collective_kernel(net, X), columns=True)
 
-        # simulate: gradient descent and mini-batch SGD in each engine; the records (T, P, ...)
-        # sharded along their sample axis
-        for engine in (gf.Weights(), gf.Collective(), gf.FrozenKernel()):
-            for sgd in ({}, {"batch_size": 24, "key": jax.random.key(8)}):
-                kw = dict(steps=30, lr=0.02, engine=engine, record_every=10, **sgd)
-                a, b = gf.simulate(net, Xs, ys, **kw), gf.simulate(net, X, y, **kw)
-                what = f"{name}/simulate {type(engine).__name__}{' SGD' if sgd else ''}"
-                record(what + " r", a.r, b.r, columns=True)
-                results[what + " loss"] = {"err": rel(a.loss, b.loss), "sharded": True}
+        # simulate: gradient descent and mini-batch SGD in each engine (on the structured
+        # net; the collective SGD on every net); the records (T, P, ...) sharded along their
+        # sample axis
+        runs = [(e, sgd) for e in (gf.Weights(), gf.Collective(), gf.FrozenKernel())
+                for sgd in ({}, {"batch_size": 24, "key": jax.random.key(8)})]
+        if name != "structured":
+            runs = runs[3:4]
+        for engine, sgd in runs:
+            kw = dict(steps=30, lr=0.02, engine=engine, record_every=10, **sgd)
+            a, b = gf.simulate(net, Xs, ys, **kw), gf.simulate(net, X, y, **kw)
+            what = f"{name}/simulate {type(engine).__name__}{' SGD' if sgd else ''}"
+            record(what + " r", a.r, b.r, columns=True)
+            results[what + " loss"] = {"err": rel(a.loss, b.loss), "sharded": True}
+
+    # sweep: a grid whose configurations are split over the 8 devices (in chunks of
+    # max_bytes) equals simulate on one device, configuration by configuration
+    X, y = gf.teacher_student(jax.random.key(9), samples=10, in_dim=4)
+    res = gf.sweep(X, y, widths=(3, 6), depths=(1, 2), seeds=(0, 1, 2), lrs=(0.05, 0.1),
+                   steps=12, record_every=4, progress=False, max_bytes=400_000,
+                   batch_sizes=(None, 4))
+    for i, L in enumerate((1, 2)):
+        for j, w in enumerate((3, 6)):
+            for s, lr, b in ((i + j, 0.05, None), (2 - i, 0.1, 4)):
+                sgd = {} if b is None else {"batch_size": b, "key": gf.batch_key(s)}
+                net = gf.ReLUNet.init(jax.random.key(s), 4, (w,) * L)
+                run = gf.simulate(net, X, y, steps=12, lr=lr, record_every=4, **sgd)
+                at = (i, j, s, int(lr == 0.1), int(b is not None))
+                results[f"sweep depth {L} width {w} seed {s} lr {lr} B {b}"] = {
+                    "err": max(rel(res.observables["r"][at], run.r),
+                               rel(res.loss[at], run.loss)), "sharded": True}
     print("RESULTS " + json.dumps(results))
 ''')
 

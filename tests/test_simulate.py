@@ -69,7 +69,10 @@ def test_one_layer_collective_equals_weights_any_lr(getkey, factor, out_dim):
                        reference=gf.Weights())
     _, rs = _gd_loop(net, X, y, lr, 500)
     assert rel_err(traj.r, rs[::100]) <= 1e-10
-    assert float(traj.observables["closure_error"].max()) <= 1e-10
+    # closure_error is relative to ‖r_ref(t)‖, which falls by up to 1e8 in 500 steps; both
+    # runs are exact up to rounding, which does not fall with it: judged against ‖r_ref(0)‖
+    norms = jnp.linalg.norm(traj.r.reshape(traj.r.shape[0], -1), axis=1)
+    assert float(jnp.max(traj.observables["closure_error"] * norms / norms[0])) <= 1e-12
     assert float(traj.observables["field_error"].max()) <= 1e-10
 
 
