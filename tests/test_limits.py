@@ -126,10 +126,10 @@ def test_vector_outputs_are_independent_in_the_limit(getkey):
 
 
 def test_monte_carlo_mean_of_wide_networks_converges_to_the_limit(getkey):
-    """16 NTK-parametrized networks of width 4096 (L = 2): per layer, the mean of the finite
+    """16 NTK-parametrized networks of width 2048 (L = 2): per layer, the mean of the finite
     kernel is within 4 standard errors of the limit, entry by entry."""
     X = jax.random.normal(getkey(), (4, 3), jnp.float64)
-    width, n, rng = 4096, 16, np.random.default_rng(0)
+    width, n, rng = 2048, 16, np.random.default_rng(0)
     samples, layer_kernels = [], jax.jit(gf.layer_kernels)
     for _ in range(n):  # numpy draws: the test is about the limit, not about ReLUNet.init
         weights = [rng.standard_normal((width, 3)), rng.standard_normal((width, width))]
@@ -357,13 +357,13 @@ def _within_4_se(samples, lim, *, power=True):
 
 
 def test_monte_carlo_trained_gains(getkey):
-    """16 NTK networks of width 4096 (L = 2) with gains (1.3, 0.7). The weight part of each
+    """16 NTK networks of width 2048 (L = 2) with gains (1.3, 0.7). The weight part of each
     K_l (the same network with the gains fixed) concentrates on `Σ_l ⊙ Q_l`. The trained
     gains' term `f fᵀ / g_l²` does not concentrate, but its mean is `NNGP / g_l²`: the mean of
     the full K_l is within 4 standard errors of the limit; and averaged over the Gaussian
     readout alone, `E_a[f fᵀ] = s_out² Z_L Z_Lᵀ` does concentrate, on the NNGP."""
     X = jax.random.normal(getkey(), (4, 3), jnp.float64)
-    width, gains = 4096, jnp.asarray([1.3, 0.7], jnp.float64)
+    width, gains = 2048, jnp.asarray([1.3, 0.7], jnp.float64)
     scales = jnp.asarray([1 / math.sqrt(3), 1 / math.sqrt(width), 1 / math.sqrt(width)])
 
     def build(key):
@@ -394,11 +394,11 @@ def test_monte_carlo_trained_gains(getkey):
 
 
 def test_monte_carlo_masks_of_equal_fan_in(getkey):
-    """16 standard-parametrized networks of width 4096 (L = 2): layer 1 drops one of 4 input
-    coordinates (n_1 = 3), layer 2 has two blocks (n_2 = 2048). The mean of `K_l / n_l`
+    """16 standard-parametrized networks of width 2048 (L = 2): layer 1 drops one of 4 input
+    coordinates (n_1 = 3), layer 2 has two blocks (n_2 = 1024). The mean of `K_l / n_l`
     (`limit_normalization`) is within 4 standard errors of the dense limit with n_l."""
     X = jax.random.normal(getkey(), (4, 4), jnp.float64)
-    width = 4096
+    width = 2048
     keep = np.ones((width, 4), bool)
     keep[:, 1] = False
     masks = (gf.Mask(keep), gf.Mask.block_diagonal((width, width), 2))
@@ -408,7 +408,7 @@ def test_monte_carlo_masks_of_equal_fan_in(getkey):
     def draw(key, M):
         k1, k2, k3 = jax.random.split(key, 3)
         weights = [M[0] * jax.random.normal(k1, (width, 4), jnp.float64) / math.sqrt(3),
-                   M[1] * jax.random.normal(k2, (width, width), jnp.float64) / math.sqrt(2048)]
+                   M[1] * jax.random.normal(k2, (width, width), jnp.float64) / math.sqrt(1024)]
         a = jax.random.normal(k3, (width,), jnp.float64) / math.sqrt(width)
         net = gf.ReLUNet(weights, a, scales, "standard", masks=masks)
         return [jnp.stack(gf.layer_kernels(net, X).K)]
@@ -417,5 +417,5 @@ def test_monte_carlo_masks_of_equal_fan_in(getkey):
     net = gf.ReLUNet([0 * M[0], 0 * M[1]], jnp.zeros((width,)), scales, "standard",
                      masks=masks)  # the limit reads the structure only
     c = np.asarray(gf.limit_normalization(net)["K"])
-    assert np.allclose(c, [1 / 3, 1 / 2048])
+    assert np.allclose(c, [1 / 3, 1 / 1024])
     _within_4_se(samples * c[None, :, None, None], np.stack(gf.limit_kernels(net, X).K))
