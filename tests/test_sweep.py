@@ -109,7 +109,7 @@ def test_compiling_on_other_threads_changes_nothing(data, monkeypatch, tmp_path)
     from concurrent.futures import ThreadPoolExecutor
 
     X, y = data
-    kw = dict(widths=(3, 5, 9), depths=(1, 2), seeds=(0, 1), lrs=(0.05, 0.1), steps=6,
+    kw = dict(widths=(3, 9), depths=(2,), seeds=(0, 1), lrs=(0.05, 0.1), steps=6,
               max_padding=0.5, progress=False)
     monkeypatch.setattr(sweep_module, "_compiler_pool", lambda n: sweep_module._Now())
     reference = gf.sweep(X, y, **kw)
