@@ -39,9 +39,8 @@ WORKER = textwrap.dedent(r'''
                             PartitionSpec("samples"))
     P, d = 64, 3
     results = {}
-    for name, net in {
-        "depth3": gf.ReLUNet.init(jax.random.key(1), d, (7, 11, 5)),
-        "vector": gf.ReLUNet.init(jax.random.key(2), d, (9, 5), out_dim=2),
+    for name, net in {  # (scalar outputs and more nets: the 8 devices of test_sharding.py)
+        "depth3 vector": gf.ReLUNet.init(jax.random.key(1), d, (7, 11, 5), out_dim=2),
     }.items():
         shape = (P,) if net.out_dim is None else (P, net.out_dim)
         # every process draws the same global data and builds the array from its own rows
@@ -81,7 +80,9 @@ def _free_port():
 
 
 def test_two_processes_equal_one():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()  # 2 devices each
+                                if "xla_force_host_platform_device_count" not in f)
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, port, str(rank)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -101,7 +102,7 @@ def test_two_processes_equal_one():
     for rank, (out, _) in enumerate(outputs):
         line = [s for s in out.splitlines() if s.startswith("RESULTS ")][-1]
         results = json.loads(line[len("RESULTS "):])
-        assert len(results) == 8
+        assert len(results) == 4
         for name, r in results.items():
             assert r["err"] <= TOL, f"process {rank}, {name}: {r['err']:.1e}"
             assert r["sharded"] and not r["addressable"], f"process {rank}, {name}: {r}"
