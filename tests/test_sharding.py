@@ -51,8 +51,7 @@ SCRIPT = textwrap.dedent(r'''
         }
 
     nets = {
-        "depth3": gf.ReLUNet.init(jax.random.key(1), d, (7, 11, 5)),
-        "vector": gf.ReLUNet.init(jax.random.key(2), d, (9, 5), out_dim=2),
+        "depth3 vector": gf.ReLUNet.init(jax.random.key(1), d, (7, 11, 5), out_dim=2),
         "structured": gf.ReLUNet.init(
             jax.random.key(3), d, (8, 8), masks=[None, gf.Mask.block_diagonal((8, 8), 2)],
             gains=1.3, skips=0.5, train=("weights", "gains", "skips")),
@@ -130,16 +129,16 @@ SCRIPT = textwrap.dedent(r'''
     res = gf.sweep(X, y, widths=(3, 6), depths=(1, 2), seeds=(0, 1, 2), lrs=(0.05, 0.1),
                    steps=12, record_every=4, progress=False, max_bytes=400_000,
                    batch_sizes=(None, 4))
-    for i, L in enumerate((1, 2)):
-        for j, w in enumerate((3, 6)):
-            for s, lr, b in ((i + j, 0.05, None), (2 - i, 0.1, 4)):
-                sgd = {} if b is None else {"batch_size": b, "key": gf.batch_key(s)}
-                net = gf.ReLUNet.init(jax.random.key(s), 4, (w,) * L)
-                run = gf.simulate(net, X, y, steps=12, lr=lr, record_every=4, **sgd)
-                at = (i, j, s, int(lr == 0.1), int(b is not None))
-                results[f"sweep depth {L} width {w} seed {s} lr {lr} B {b}"] = {
-                    "err": max(rel(res.observables["r"][at], run.r),
-                               rel(res.loss[at], run.loss)), "sharded": True}
+    for i, j, s, k, b in ((0, 0, 0, 0, None), (0, 1, 2, 1, 4), (1, 0, 1, 1, 4),
+                          (1, 1, 2, 0, None)):  # (depth, width, seed, lr, batch size)
+        L, w, lr = (1, 2)[i], (3, 6)[j], (0.05, 0.1)[k]
+        sgd = {} if b is None else {"batch_size": b, "key": gf.batch_key(s)}
+        run = gf.simulate(gf.ReLUNet.init(jax.random.key(s), 4, (w,) * L), X, y, steps=12,
+                          lr=lr, record_every=4, **sgd)
+        at = (i, j, s, k, int(b is not None))
+        results[f"sweep depth {L} width {w} seed {s} lr {lr} B {b}"] = {
+            "err": max(rel(res.observables["r"][at], run.r), rel(res.loss[at], run.loss)),
+            "sharded": True}
     print("RESULTS " + json.dumps(results))
 ''')
 
