@@ -110,12 +110,12 @@ SCRIPT = textwrap.dedent(r'''
                gf.collective_kernel(net, X), columns=True)
 
         # simulate: gradient descent and mini-batch SGD in each engine (on the structured
-        # net; the collective SGD on every net); the records (T, P, ...) sharded along their
-        # sample axis
+        # net; the weights' GD and the collective SGD on the other); the records (T, P, ...)
+        # sharded along their sample axis
         runs = [(e, sgd) for e in (gf.Weights(), gf.Collective(), gf.FrozenKernel())
                 for sgd in ({}, {"batch_size": 24, "key": jax.random.key(8)})]
-        if name != "structured":
-            runs = runs[3:4]
+        if name != "structured":  # the weights' GD and the collective SGD
+            runs = runs[0:1] + runs[3:4]
         for engine, sgd in runs:
             kw = dict(steps=30, lr=0.02, engine=engine, record_every=10, **sgd)
             a, b = gf.simulate(net, Xs, ys, **kw), gf.simulate(net, X, y, **kw)
@@ -136,6 +136,9 @@ SCRIPT = textwrap.dedent(r'''
         run = gf.simulate(gf.ReLUNet.init(jax.random.key(s), 4, (w,) * L), X, y, steps=12,
                           lr=lr, record_every=4, **sgd)
         at = (i, j, s, k, int(b is not None))
+        # ("sharded": the sweep's results are host arrays; that its configurations really
+        # ran split over the devices is not observed here, only that the split changes
+        # nothing)
         results[f"sweep depth {L} width {w} seed {s} lr {lr} B {b}"] = {
             "err": max(rel(res.observables["r"][at], run.r), rel(res.loss[at], run.loss)),
             "sharded": True}
