@@ -100,6 +100,7 @@ def test_report_nan_error_fails(getkey, field):
     assert not broken.ok(rtol=1.0) and "FAILED" in str(broken)
 
 
+@pytest.mark.slow
 def test_cli_verify_prints_table_and_exits_zero(capsys):
     from gramflow.cli.main import main
 
@@ -108,7 +109,8 @@ def test_cli_verify_prints_table_and_exits_zero(capsys):
     assert "gramflow verification (float64" in out and ": ok at rtol 1e-10" in out
     # A fresh process without x64: the float32 path as a user without x64 would run it.
     proc = subprocess.run(
-        [sys.executable, "-m", "gramflow", "verify", "--samples", "12", "--dtype", "float32"],
+        [sys.executable, "-m", "gramflow", "verify", "--samples", "12", "--dtype", "float32",
+         "--widths", "5", "3"],
         capture_output=True,
         text=True,
         timeout=300,
