@@ -43,10 +43,3 @@ def getkey():
     counter = itertools.count()
     base = jax.random.key(0)
     return lambda: jax.random.fold_in(base, next(counter))
-
-
-def pytest_collection_modifyitems(items):
-    """The tests marked `slow` (subprocesses, notebooks, the demo, the benchmarks) first: with
-    pytest-xdist the workers then finish together instead of one of them running a long test
-    alone at the end (longest first)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable

@@ -10,8 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-12
 TIMEOUT = 300  # seconds for both processes together
@@ -81,7 +79,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one():
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()  # 2 devices each

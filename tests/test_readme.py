@@ -4,8 +4,6 @@ import pathlib
 import re
 import subprocess
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -24,7 +22,6 @@ def test_usage_example_runs():
     assert namespace["K"].shape == (8, 32, 32)
 
 
-@pytest.mark.slow
 def test_simulate_example_runs():
     code = _block_after("<!-- example: simulate -->", "python")
     namespace = {}
@@ -34,7 +31,6 @@ def test_simulate_example_runs():
     assert namespace["sgd"].observables["gradient_noise"].shape == (11, 2)
 
 
-@pytest.mark.slow
 def test_structure_example_runs():
     code = _block_after("<!-- example: structure -->", "python")
     namespace = {}

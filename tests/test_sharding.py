@@ -15,8 +15,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-12
 
@@ -164,7 +162,6 @@ def _run():
     return json.loads(line[len("RESULTS "):])
 
 
-@pytest.mark.slow
 def test_sharded_equals_single_device():
     """One test (one subprocess, also under pytest-xdist) for every check."""
     results = _run()
