@@ -100,7 +100,6 @@ def test_report_nan_error_fails(getkey, field):
     assert not broken.ok(rtol=1.0) and "FAILED" in str(broken)
 
 
-@pytest.mark.slow
 def test_cli_verify_prints_table_and_exits_zero(capsys):
     from gramflow.cli.main import main
 
