@@ -178,29 +178,24 @@ def _use_triangle(P: int, net, cost: CostModel) -> bool:
 
 def _symmetric_kernel(net, Z, Delta, cost: CostModel):
     """K from its block-upper triangle: block row i holds the tiles (i, j ≥ i), so the Gram
-    products cost about half of the full ones; the rest is the transpose (K is symmetric)."""
+    products cost about half of the full ones; the tiles below the diagonal are transposes of
+    those above (K is symmetric), and K is written once, by concatenation."""
     block = cost.triangle_block
     P = Z[0].shape[0]
     nb = -(-P // block)
     pad = nb * block - P
     Z = tuple(jnp.pad(z, ((0, pad), (0, 0))) for z in Z)
     Delta = tuple(jnp.pad(d, ((0, pad),) + ((0, 0),) * (d.ndim - 1)) for d in Delta)
-    n = nb * block
-    diag, upper = [], []
+    rows = []  # block row i: the tiles (i, j) for j ≥ i, (block, (nb − i) block, *kk)
     for i in range(nb):
         lo, hi = i * block, (i + 1) * block
-        row = _kernel_tile(net, tuple(z[lo:hi] for z in Z), tuple(d[lo:hi] for d in Delta),
-                           tuple(z[lo:] for z in Z), tuple(d[lo:] for d in Delta), cost)
-        diag.append(row[:, :block])
-        upper.append(row[:, block:])
-    out_shape = (n, n) + diag[0].shape[2:]
-    S = jnp.zeros(out_shape, diag[0].dtype)
-    for i in range(nb - 1):
-        S = S.at[i * block:(i + 1) * block, (i + 1) * block:].set(upper[i])
-    D = jnp.zeros(out_shape, diag[0].dtype)
-    for i in range(nb):
-        D = D.at[i * block:(i + 1) * block, i * block:(i + 1) * block].set(diag[i])
-    K = D + S + transpose_samples(S)
+        rows.append(_kernel_tile(net, tuple(z[lo:hi] for z in Z),
+                                 tuple(d[lo:hi] for d in Delta),
+                                 tuple(z[lo:] for z in Z), tuple(d[lo:] for d in Delta), cost))
+    K = jnp.concatenate([
+        jnp.concatenate([transpose_samples(rows[j][:, (i - j) * block:(i - j + 1) * block])
+                         for j in range(i)] + [rows[i]], axis=1)
+        for i in range(nb)], axis=0)
     return K[:P, :P]
 
 
