@@ -1,7 +1,6 @@
 """The suite's own environment: conftest.py keeps XLA:CPU's YNN fusions off on the jaxlib
 releases where they crash at random (see there)."""
 
-import importlib.metadata
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import JAXLIB, YNN_CRASHES
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 # a float32 product, which XLA:CPU puts in a YNN fusion when they are on
@@ -18,7 +18,7 @@ PROGRAM = ("import jax, jax.numpy as jnp\n"
            ".compile().as_text())")
 
 
-@pytest.mark.skipif(importlib.metadata.version("jaxlib") not in ("0.10.2", "0.11.0"),
+@pytest.mark.skipif(JAXLIB not in YNN_CRASHES,
                     reason="YNN fusions are left as they are outside the affected releases")
 def test_ynn_fusions_are_off_in_the_affected_jaxlibs():
     if jax.devices()[0].platform != "cpu":
